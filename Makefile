@@ -1,0 +1,32 @@
+# Two set-up commands for a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch lies on local disk; pinning it keeps pip from pulling a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: install test test-slow demo bench clean
+
+$(BIN)/dina-lrm: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(BIN)/dina-lrm
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-slow: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
+
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/dina-lrm demo --out demo_out
+
+bench: install
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/score_throughput.py
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,69 @@
+"""Images in, pixel tensors out: paths, PIL images or tensors -> float (3, H, W) in [0, 1]."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+ImageInput = Union[str, Path, Image.Image, torch.Tensor]
+
+
+def load_image(item: ImageInput) -> torch.Tensor:
+    if isinstance(item, (str, Path)):
+        path = Path(item)
+        if not path.is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+        try:
+            with Image.open(path) as image:
+                item = image.convert("RGB")
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"cannot read image {path}: {err}") from err
+    if isinstance(item, Image.Image):
+        array = np.asarray(item.convert("RGB"), dtype=np.float32) / 255.0
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    if torch.is_tensor(item):
+        return _check_tensor(item)
+    raise TypeError(f"unsupported image type {type(item).__name__}: give a path, a PIL image or a tensor")
+
+
+def _check_tensor(image: torch.Tensor) -> torch.Tensor:
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"image tensors must be (3, H, W), got {tuple(image.shape)}")
+    if image.dtype == torch.uint8:
+        return image.float() / 255.0
+    image = image.float()
+    if not torch.isfinite(image).all():
+        raise ValueError("image tensor contains NaN or inf")
+    if image.min() < 0 or image.max() > 1:
+        raise ValueError(
+            f"float image tensors must lie in [0, 1], got [{image.min():.3g}, {image.max():.3g}]; "
+            "map [-1, 1] images with (x + 1) / 2"
+        )
+    return image
+
+
+def load_images(images) -> list[torch.Tensor]:
+    """A list of (3, H, W) tensors from a list of inputs or a (B, 3, H, W) tensor."""
+    if torch.is_tensor(images):
+        if images.dim() == 3:
+            images = images.unsqueeze(0)
+        if images.dim() != 4:
+            raise ValueError(f"an image batch must be (B, 3, H, W), got {tuple(images.shape)}")
+        return [load_image(image) for image in images]
+    if isinstance(images, (str, Path, Image.Image)):
+        images = [images]
+    return [load_image(item) for item in images]
+
+
+def center_crop_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Crop (3, H, W) centrally so that H and W are multiples of ``multiple``."""
+    height, width = image.shape[-2:]
+    new_h, new_w = height // multiple * multiple, width // multiple * multiple
+    if new_h == 0 or new_w == 0:
+        raise ValueError(f"image {height}x{width} is smaller than the minimum size {multiple}x{multiple}")
+    top, left = (height - new_h) // 2, (width - new_w) // 2
+    return image[..., top : top + new_h, left : left + new_w]

@@ -1,0 +1,63 @@
+"""The backbone interface: features and temb from latents, text embeddings and timesteps.
+
+A backbone keeps the patch/text/time embeddings and the first N blocks of a generator's own
+transformer and returns the token streams after the tapped blocks. Adding FLUX or another
+MMDiT means one new file with a class that follows :class:`Backbone` and one line in
+``BACKBONES``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+
+@dataclass
+class BackboneOutput:
+    temb: torch.Tensor  # (B, D): timestep + pooled-text embedding
+    visual: list[torch.Tensor]  # per visual tap: (B, N_image_tokens, D)
+    text: list[torch.Tensor]  # per text tap: (B, N_text_tokens, D)
+
+    def chunk(self, parts: int) -> list["BackboneOutput"]:
+        """Split along the batch into ``parts`` equal outputs (undoes a concatenated batch)."""
+        temb = self.temb.chunk(parts)
+        visual = [t.chunk(parts) for t in self.visual]
+        text = [t.chunk(parts) for t in self.text]
+        return [
+            BackboneOutput(temb[i], [v[i] for v in visual], [t[i] for t in text]) for i in range(parts)
+        ]
+
+
+class Backbone(Protocol):
+    hidden_size: int
+    latent_channels: int
+    patch_size: int
+    visual_taps: list[int]
+    text_taps: list[int]
+
+    def __call__(
+        self,
+        latents: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timesteps: torch.Tensor,
+    ) -> BackboneOutput: ...
+
+    @classmethod
+    def from_transformer(
+        cls, transformer: nn.Module, num_layers: int, visual_taps: list[int], text_taps: list[int]
+    ) -> "Backbone": ...
+
+    def lora_target_modules(self, exclude_last_text_stream: bool) -> tuple[list[str], list[str]]: ...
+
+
+def backbone_class(name: str) -> type:
+    from dina_lrm.models.sd3 import SD3Backbone
+
+    backbones = {"sd3": SD3Backbone}
+    if name not in backbones:
+        raise ValueError(f"unknown backbone {name!r}; available: {sorted(backbones)}")
+    return backbones[name]

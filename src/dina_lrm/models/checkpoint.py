@@ -1,0 +1,92 @@
+"""The released on-disk layout.
+
+    DIR/config.json                              the training configuration (release YAML as JSON)
+    DIR/checkpoint/rm_head.safetensors           reward head (we write this; the release's rm_head.pt is read too)
+    DIR/checkpoint/backbone_lora/                PEFT adapter, when the backbone is LoRA-tuned
+    DIR/checkpoint/backbone.safetensors          backbone weights, when the backbone is fully tuned
+                                                 (the release's full_model.pt is read too)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CONFIG_NAME = "config.json"
+HEAD_NAME = "rm_head.safetensors"
+RELEASE_HEAD_NAME = "rm_head.pt"
+LORA_DIR = "backbone_lora"
+BACKBONE_NAME = "backbone.safetensors"
+RELEASE_FULL_NAME = "full_model.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or does not fit the model."""
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {path}: the file is corrupt or not safetensors ({err})") from err
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors, or from a torch pickle with ``weights_only=True`` (no code runs)."""
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a damaged or unsafe pickle
+        raise CheckpointError(f"cannot read {path}: corrupt, or not a plain tensor state dict ({err})") from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def find_file(folder: Path, *names: str) -> Path:
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    raise CheckpointError(f"none of {list(names)} found in {folder}")
+
+
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str, prefix: str = "") -> None:
+    """``load_state_dict`` that names every missing, unexpected or mis-shaped key."""
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatches ({'; '.join(mismatched[:3])})")
+        if missing:
+            parts.append(f"{len(missing)} missing keys ({', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:3])})")
+        raise CheckpointError(
+            f"{what} does not fit this model: {'; '.join(parts)}. Was it trained for another backbone, "
+            "layer count or tap list?"
+        )
+    module.load_state_dict(state)
+
+
+def write_config(directory: Path, config: dict) -> None:
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def write_weights(path: Path, module: nn.Module) -> None:
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    save_file(state, str(path))

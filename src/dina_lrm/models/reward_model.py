@@ -1,0 +1,150 @@
+"""DiNa-LRM: a generator's own transformer (first N blocks) plus the reward head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from torch import nn
+
+from dina_lrm.config import DiNaConfig, ModelConfig, load_config
+from dina_lrm.models import checkpoint as ckpt
+from dina_lrm.models.backbone import BackboneOutput, backbone_class
+from dina_lrm.models.lora import add_lora, load_lora_weights
+from dina_lrm.models.reward_head import RewardHead
+
+
+class DiNaLRM(nn.Module):
+    """Scores noisy latents: ``forward(latents, encoder_hidden_states, pooled_projections, timesteps)``
+    returns raw scores (B, 1).
+
+    ``transformer`` is the generator's transformer (diffusers ``SD3Transformer2DModel`` for the
+    ``sd3`` backbone); its first ``model.num_transformer_layers`` blocks are shared, not copied.
+    """
+
+    def __init__(self, config: DiNaConfig | ModelConfig, transformer: nn.Module):
+        super().__init__()
+        self.config = config if isinstance(config, DiNaConfig) else DiNaConfig(model=config)
+        model_cfg = self.config.model
+        model_cfg.validate()
+        backbone = backbone_class(model_cfg.backbone).from_transformer(
+            transformer, model_cfg.num_transformer_layers, model_cfg.visual_taps, model_cfg.text_taps
+        )
+        if model_cfg.backbone_mode == "lora":
+            text_taps = model_cfg.text_taps
+            exclude = not text_taps or text_taps[-1] != model_cfg.num_transformer_layers
+            backbone = add_lora(backbone, model_cfg.lora_config, exclude_last_text_stream=exclude)
+        else:
+            backbone.requires_grad_(model_cfg.backbone_mode == "full")
+        self.backbone = backbone
+        reference = next(transformer.parameters())
+        self.reward_head = RewardHead(
+            model_cfg.reward_head, self.base_backbone.hidden_size, len(model_cfg.visual_taps), len(model_cfg.text_taps)
+        ).to(device=reference.device, dtype=reference.dtype)
+
+    @property
+    def base_backbone(self) -> nn.Module:
+        return self.backbone.get_base_model() if isinstance(self.backbone, PeftModel) else self.backbone
+
+    @property
+    def device(self) -> torch.device:
+        return self.reward_head.query_tokens.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.reward_head.query_tokens.dtype
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.base_backbone.gradient_checkpointing = enabled
+
+    def check_latents(self, latents: torch.Tensor) -> None:
+        backbone = self.base_backbone
+        if latents.dim() != 4:
+            raise ValueError(f"latents must be (B, C, H, W), got shape {tuple(latents.shape)}")
+        channels, height, width = latents.shape[1:]
+        if channels != backbone.latent_channels:
+            raise ValueError(
+                f"latents have {channels} channels but the backbone expects {backbone.latent_channels}; "
+                "pass VAE latents of this generator (or images, which the scorer encodes)"
+            )
+        if height % backbone.patch_size or width % backbone.patch_size:
+            raise ValueError(f"latent size {height}x{width} is not divisible by the patch size {backbone.patch_size}")
+        if not torch.isfinite(latents).all():
+            raise ValueError("latents contain NaN or inf")
+
+    def check_inputs(self, latents, encoder_hidden_states, pooled_projections) -> None:
+        self.check_latents(latents)
+        backbone, batch = self.base_backbone, latents.shape[0]
+        for name, tensor, dims, width in (
+            ("encoder_hidden_states", encoder_hidden_states, 3, backbone.text_width),
+            ("pooled_projections", pooled_projections, 2, backbone.pooled_width),
+        ):
+            if tensor.dim() != dims or tensor.shape[0] != batch or tensor.shape[-1] != width:
+                raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected {dims} dims, batch {batch}, width {width}")
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{name} contain NaN or inf")
+
+    def features(self, latents, encoder_hidden_states, pooled_projections, timesteps) -> BackboneOutput:
+        self.check_inputs(latents, encoder_hidden_states, pooled_projections)
+        timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
+        return self.backbone(latents, encoder_hidden_states, pooled_projections, timesteps)
+
+    def forward(self, latents, encoder_hidden_states, pooled_projections, timesteps) -> torch.Tensor:
+        out = self.features(latents, encoder_hidden_states, pooled_projections, timesteps)
+        return self.reward_head(out.visual, out.text, out.temb)
+
+    def forward_ensemble(self, latents, encoder_hidden_states, pooled_projections, timesteps) -> torch.Tensor:
+        """Multi-noise-level score (B, 1). ``latents``: (K, B, C, H, W) or K tensors (B, C, H, W), one
+        per noise level; ``timesteps``: (K, B) or (K,). The K levels run through the backbone as one
+        batch, and the head reads all their tokens at once."""
+        latents = torch.stack(list(latents)) if not torch.is_tensor(latents) else latents
+        levels, batch = latents.shape[:2]
+        timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(levels, -1).expand(levels, batch)
+        out = self.features(
+            latents.flatten(0, 1),
+            encoder_hidden_states.repeat(levels, 1, 1),
+            pooled_projections.repeat(levels, 1),
+            timesteps.reshape(-1),
+        )
+        return self.reward_head.forward_ensemble([(o.visual, o.text, o.temb) for o in out.chunk(levels)])
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the release layout: config.json and checkpoint/{rm_head.safetensors, backbone_lora/}."""
+        directory = Path(directory)
+        checkpoint_dir = directory / "checkpoint"
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.write_config(directory, self.config.to_dict())
+        ckpt.write_weights(checkpoint_dir / ckpt.HEAD_NAME, self.reward_head)
+        mode = self.config.model.backbone_mode
+        if mode == "lora":
+            self.backbone.save_pretrained(str(checkpoint_dir / ckpt.LORA_DIR))
+        elif mode == "full":
+            ckpt.write_weights(checkpoint_dir / ckpt.BACKBONE_NAME, self.base_backbone)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, transformer: nn.Module) -> "DiNaLRM":
+        """Load our checkpoints or the release's, onto ``transformer``'s device and dtype (eval mode)."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"reward model directory not found: {directory}")
+        config_path = directory / ckpt.CONFIG_NAME
+        if not config_path.is_file():
+            raise ckpt.CheckpointError(f"{config_path} is missing: not a DiNa-LRM checkpoint directory")
+        model = cls(load_config(config_path), transformer)
+        checkpoint_dir = directory / "checkpoint"
+        mode = model.config.model.backbone_mode
+        if mode == "full" and (checkpoint_dir / ckpt.RELEASE_FULL_NAME).is_file():
+            full = ckpt.read_state_dict(checkpoint_dir / ckpt.RELEASE_FULL_NAME)
+            ckpt.load_strict(model.reward_head, full, "full_model.pt (reward_head)", prefix="reward_head.")
+            ckpt.load_strict(model.base_backbone, full, "full_model.pt (backbone)", prefix="backbone.")
+            return model.eval()
+        head_path = ckpt.find_file(checkpoint_dir, ckpt.HEAD_NAME, ckpt.RELEASE_HEAD_NAME)
+        ckpt.load_strict(model.reward_head, ckpt.read_state_dict(head_path), str(head_path))
+        if mode == "lora":
+            load_lora_weights(model.backbone, checkpoint_dir / ckpt.LORA_DIR)
+        elif mode == "full":
+            path = ckpt.find_file(checkpoint_dir, ckpt.BACKBONE_NAME)
+            ckpt.load_strict(model.base_backbone, ckpt.read_state_dict(path), str(path))
+        return model.eval()

@@ -1,0 +1,81 @@
+"""SD3 / SD3.5 backbone: the first N joint blocks of a diffusers ``SD3Transformer2DModel``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dina_lrm.models.backbone import BackboneOutput
+
+ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+TEXT_STREAM_PROJECTIONS = ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+class SD3Backbone(nn.Module):
+    """Patch, time+pooled-text and context embeddings plus the first ``num_layers`` joint blocks.
+
+    The module names (``pos_embed``, ``time_text_embed``, ``context_embedder``,
+    ``transformer_blocks``) are the release's, so its PEFT adapter keys load unchanged.
+    """
+
+    def __init__(self, transformer: nn.Module, num_layers: int, visual_taps: list[int], text_taps: list[int]):
+        super().__init__()
+        blocks = transformer.transformer_blocks
+        if num_layers > len(blocks):
+            raise ValueError(f"num_transformer_layers={num_layers} but the transformer has only {len(blocks)} blocks")
+        for kind, taps in (("visual", visual_taps), ("text", text_taps)):
+            bad = [t for t in taps if not 0 <= t <= num_layers]
+            if bad:
+                raise ValueError(f"{kind} taps {bad} lie beyond the {num_layers} kept layers (valid: 0..{num_layers})")
+        if text_taps and text_taps[-1] > 0 and blocks[text_taps[-1] - 1].context_pre_only:
+            raise ValueError(
+                f"text tap {text_taps[-1]} reads block {text_taps[-1] - 1}, the transformer's last block, "
+                "which outputs no text stream; tap an earlier block"
+            )
+        self.pos_embed = transformer.pos_embed
+        self.time_text_embed = transformer.time_text_embed
+        self.context_embedder = transformer.context_embedder
+        self.transformer_blocks = nn.ModuleList(blocks[:num_layers])
+        self.visual_taps = list(visual_taps)
+        self.text_taps = list(text_taps)
+        config = transformer.config
+        self.hidden_size = config.num_attention_heads * config.attention_head_dim
+        self.latent_channels = config.in_channels
+        self.patch_size = config.patch_size
+        self.text_width = config.joint_attention_dim
+        self.pooled_width = config.pooled_projection_dim
+        self.gradient_checkpointing = False
+
+    @classmethod
+    def from_transformer(cls, transformer, num_layers, visual_taps, text_taps) -> "SD3Backbone":
+        return cls(transformer, num_layers, visual_taps, text_taps)
+
+    def lora_target_modules(self, exclude_last_text_stream: bool) -> tuple[list[str], list[str]]:
+        """LoRA targets and exclusions. The last kept block's text-stream projections get no LoRA
+        when its text output is not tapped (their output never reaches the head)."""
+        last = len(self.transformer_blocks) - 1
+        excluded = [f"transformer_blocks.{last}.attn.{name}" for name in TEXT_STREAM_PROJECTIONS]
+        return list(ATTENTION_PROJECTIONS), excluded if exclude_last_text_stream else []
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timesteps: torch.Tensor,
+    ) -> BackboneOutput:
+        hidden = self.pos_embed(latents).contiguous()
+        temb = self.time_text_embed(timesteps, pooled_projections)
+        context = self.context_embedder(encoder_hidden_states)
+        visual = [hidden] if 0 in self.visual_taps else []
+        text = [context] if 0 in self.text_taps else []
+        for depth, block in enumerate(self.transformer_blocks, start=1):
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                context, hidden = torch.utils.checkpoint.checkpoint(block, hidden, context, temb, use_reentrant=False)
+            else:
+                context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb)
+            if depth in self.visual_taps:
+                visual.append(hidden)
+            if depth in self.text_taps:
+                text.append(context)
+        return BackboneOutput(temb=temb, visual=visual, text=text)

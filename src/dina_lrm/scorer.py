@@ -1,0 +1,175 @@
+"""The one-line user API: ``Scorer.from_pretrained(reward_dir, model_id).score(prompts, images=...)``."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+
+from dina_lrm.data.images import center_crop_to_multiple, load_images
+from dina_lrm.models.reward_model import DiNaLRM
+from dina_lrm.models.sd3_text import SD3PromptEncoder
+from dina_lrm.noise import SigmaTable, add_noise
+
+SCORE_OFFSET, SCORE_SCALE = 10.0, 10.0
+
+
+def normalize_score(raw: torch.Tensor) -> torch.Tensor:
+    """The scale users read: ``(raw + 10) / 10``."""
+    return (raw + SCORE_OFFSET) / SCORE_SCALE
+
+
+@dataclass
+class ScoreResult:
+    raw: torch.Tensor  # (B,) the head's output, averaged over noise draws
+    normalized: torch.Tensor  # (B,) (raw + 10) / 10
+    sigmas: torch.Tensor  # (K,) the noise levels actually used (snapped to the sigma table)
+
+    def rows(self) -> list[dict]:
+        return [{"raw": float(r), "normalized": float(n)} for r, n in zip(self.raw, self.normalized)]
+
+
+class Scorer:
+    """Scores prompts with images or latents.
+
+    Images are VAE-encoded with the generator's own VAE and latent normalisation. Each score
+    noises the latent to level u (one draw by default); ``noise_levels`` ensembles several
+    levels as the head's multi-level ensemble, ``n_draws`` averages independent noise draws,
+    and every level and draw runs through the backbone as one batch.
+    """
+
+    def __init__(self, model: DiNaLRM, prompt_encoder: SD3PromptEncoder, sigma_table: SigmaTable, vae=None):
+        self.model = model.eval()
+        self.prompt_encoder = prompt_encoder
+        self.sigma_table = sigma_table
+        self.vae = vae
+
+    @classmethod
+    def from_pipeline(cls, reward_dir: str | Path, pipe, max_sequence_length: int = 128) -> "Scorer":
+        model = DiNaLRM.from_pretrained(reward_dir, pipe.transformer)
+        encoder = SD3PromptEncoder.from_pipeline(pipe, max_sequence_length=max_sequence_length)
+        return cls(model, encoder, SigmaTable.from_scheduler(pipe.scheduler), vae=pipe.vae)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        reward_dir: str | Path,
+        pipeline_or_model_id,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_sequence_length: int = 128,
+    ) -> "Scorer":
+        """``pipeline_or_model_id``: a loaded diffusers pipeline, a local pipeline directory or a hub id."""
+        pipe = pipeline_or_model_id
+        if isinstance(pipe, (str, Path)):
+            pipe = load_pipeline(pipe, dtype)
+        pipe.to(device)
+        return cls.from_pipeline(reward_dir, pipe, max_sequence_length)
+
+    @property
+    def latent_multiple(self) -> int:
+        """Image sides must be multiples of this (VAE downsampling x patch size)."""
+        return vae_scale_factor(self.vae) * self.model.base_backbone.patch_size
+
+    def encode_images(self, images) -> list[torch.Tensor]:
+        """Normalised VAE latents (1, C, h, w) per image, center-cropped to a valid size."""
+        if self.vae is None:
+            raise ValueError("this scorer has no VAE: pass latents, or build it from a pipeline")
+        config = self.vae.config
+        shift = config.shift_factor or 0.0
+        latents = []
+        for image in load_images(images):
+            pixels = center_crop_to_multiple(image, self.latent_multiple).unsqueeze(0)
+            pixels = (pixels * 2 - 1).to(self.vae.device, self.vae.dtype)
+            z = self.vae.encode(pixels).latent_dist.mode()
+            latents.append((z - shift) * config.scaling_factor)
+        return latents
+
+    def score(
+        self,
+        prompts: str | list[str],
+        *,
+        images=None,
+        latents: torch.Tensor | None = None,
+        u: float = 0.4,
+        noise_levels: list[float] | None = None,
+        n_draws: int = 1,
+        seed: int | None = None,
+        grad: bool = False,
+    ) -> ScoreResult:
+        """Score (prompt, image) pairs. u = 0.4 suits a generator's own clean latents, 0.1 images from files."""
+        if (images is None) == (latents is None):
+            raise ValueError("pass exactly one of images= or latents=")
+        if n_draws < 1:
+            raise ValueError(f"n_draws must be >= 1, got {n_draws}")
+        levels = torch.tensor(list(noise_levels) if noise_levels else [u], dtype=torch.float32)
+        sigmas, timesteps = self.sigma_table.snap(levels)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        with nullcontext() if grad else torch.no_grad():
+            groups = self._latent_groups(images, latents)
+            prompts = _match_prompts(prompts, sum(len(idx) for idx, _ in groups))
+            raw = torch.empty(len(prompts), device=self.model.device, dtype=torch.float32)
+            for index, group in groups:
+                group_prompts = [prompts[i] for i in index]
+                raw[index] = self._score_latents(group, group_prompts, sigmas, timesteps, n_draws, generator)
+        return ScoreResult(raw=raw, normalized=normalize_score(raw), sigmas=sigmas)
+
+    def _latent_groups(self, images, latents) -> list[tuple[list[int], torch.Tensor]]:
+        """Batches of equally sized latents, with their positions in the input."""
+        if latents is not None:
+            if not torch.is_tensor(latents) or latents.dim() != 4:
+                raise ValueError("latents must be a (B, C, H, W) tensor")
+            return [(list(range(latents.shape[0])), latents)]
+        by_size: dict[tuple, list[int]] = {}
+        encoded = self.encode_images(images)
+        for i, z in enumerate(encoded):
+            by_size.setdefault(tuple(z.shape), []).append(i)
+        return [(index, torch.cat([encoded[i] for i in index])) for index in by_size.values()]
+
+    def _score_latents(self, latents, prompts, sigmas, timesteps, n_draws, generator) -> torch.Tensor:
+        model = self.model
+        latents = latents.to(model.device, model.dtype)
+        model.check_latents(latents)
+        levels, batch = len(sigmas), latents.shape[0]
+        states, pooled = self.prompt_encoder(prompts)
+        states, pooled = states.to(model.device, model.dtype), pooled.to(model.device, model.dtype)
+        if model.config.training.add_noise:
+            noise = torch.randn((n_draws, levels) + tuple(latents.shape), generator=generator)
+            sigma = sigmas.view(1, levels, 1, 1, 1, 1)
+            noisy = add_noise(latents.unsqueeze(0).unsqueeze(0), sigma.to(model.device), noise.to(model.device, model.dtype))
+        else:
+            noisy = latents.expand(n_draws, levels, *latents.shape)
+        noisy = noisy.transpose(0, 1).reshape(levels, n_draws * batch, *latents.shape[1:])
+        scores = model.forward_ensemble(
+            noisy,
+            states.repeat(n_draws, 1, 1),
+            pooled.repeat(n_draws, 1),
+            timesteps.to(model.device).view(levels, 1).expand(levels, n_draws * batch),
+        )
+        return scores.float().view(n_draws, batch, -1)[..., 0].mean(dim=0)
+
+
+def _match_prompts(prompts: str | list[str], count: int) -> list[str]:
+    if isinstance(prompts, str):
+        return [prompts] * count
+    prompts = list(prompts)
+    if len(prompts) != count:
+        raise ValueError(f"got {len(prompts)} prompts for {count} images/latents; give one prompt per item, or one string")
+    return prompts
+
+
+def vae_scale_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+
+
+def load_pipeline(model_id_or_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """A diffusers pipeline from a local directory or a hub id, with a clear error if neither loads."""
+    try:
+        return DiffusionPipeline.from_pretrained(str(model_id_or_dir), dtype=dtype)
+    except (OSError, ValueError, EnvironmentError) as err:
+        where = "local directory" if Path(model_id_or_dir).exists() else "hub id (or missing local path)"
+        raise OSError(f"cannot load the generator pipeline from {model_id_or_dir!r} ({where}): {err}") from err

@@ -1,0 +1,53 @@
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+from dina_lrm import DiNaConfig, DiNaLRM
+from dina_lrm.toyworld.tiny_sd3 import save_tiny_sd3_pipeline
+
+TINY_MODEL = {
+    "num_transformer_layers": 3,
+    "visual_head_idx": [1, 2, 3],
+    "text_head_idx": [1, 2, 3],
+    "lora_config": {"r": 4, "lora_alpha": 8},
+    "reward_head": {"num_attn_heads": 4},
+}
+
+
+def tiny_config(**model_overrides) -> DiNaConfig:
+    return DiNaConfig.from_dict({"model": {**TINY_MODEL, **model_overrides}})
+
+
+@pytest.fixture(scope="session")
+def pipeline_dir(tmp_path_factory):
+    """A tiny SD3 pipeline written with save_pretrained, loaded by tests through from_pretrained."""
+    return save_tiny_sd3_pipeline(tmp_path_factory.mktemp("tiny_sd3"), seed=0)
+
+
+@pytest.fixture
+def pipe(pipeline_dir):
+    return StableDiffusion3Pipeline.from_pretrained(str(pipeline_dir))
+
+
+@pytest.fixture
+def text_inputs():
+    torch.manual_seed(1)
+    return torch.randn(2, 20, 32), torch.randn(2, 64)
+
+
+def randomize_lora(model: DiNaLRM, seed: int = 0) -> None:
+    """LoRA B starts at zero; give it values so a test can tell whether LoRA weights were loaded."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+
+
+def make_latents(batch=2, size=8, seed=0):
+    return torch.randn(batch, 4, size, size, generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,118 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dina_lrm import DiNaLRM, Scorer
+from dina_lrm.noise import add_noise
+from conftest import make_latents, randomize_lora, tiny_config
+
+
+@pytest.fixture
+def reward_dir(pipe, tmp_path):
+    model = DiNaLRM(tiny_config(), pipe.transformer)
+    randomize_lora(model)
+    return model.save_pretrained(tmp_path / "reward")
+
+
+@pytest.fixture
+def scorer(reward_dir, pipeline_dir):
+    return Scorer.from_pretrained(reward_dir, pipeline_dir)
+
+
+def test_scores_are_seeded_and_normalized(scorer):
+    latents = make_latents(3)
+    a = scorer.score(["a red circle"] * 3, latents=latents, u=0.4, seed=7)
+    b = scorer.score("a red circle", latents=latents, u=0.4, seed=7)
+    c = scorer.score("a red circle", latents=latents, u=0.4, seed=8)
+    assert a.raw.shape == (3,)
+    torch.testing.assert_close(a.raw, b.raw)
+    assert not torch.allclose(a.raw, c.raw)
+    torch.testing.assert_close(a.normalized, (a.raw + 10) / 10)
+
+
+def test_score_equals_the_model_on_independently_noised_latents(scorer):
+    latents, prompts = make_latents(2), ["a red circle", "a blue square"]
+    result = scorer.score(prompts, latents=latents, u=0.4, seed=3)
+    noise = torch.randn((1, 1) + tuple(latents.shape), generator=torch.Generator().manual_seed(3))[0, 0]
+    sigma, timestep = scorer.sigma_table.snap(torch.tensor(0.4))
+    states, pooled = scorer.prompt_encoder(prompts)
+    with torch.no_grad():
+        expected = scorer.model(add_noise(latents, sigma.expand(2), noise), states, pooled, timestep)[:, 0]
+    torch.testing.assert_close(result.raw, expected)
+
+
+def test_batched_draws_and_levels_equal_the_loop(scorer):
+    latents, prompts = make_latents(2), ["a red circle", "a blue square"]
+    levels, draws = [0.2, 0.5, 0.8], 2
+    result = scorer.score(prompts, latents=latents, noise_levels=levels, n_draws=draws, seed=11)
+    noise = torch.randn((draws, len(levels)) + tuple(latents.shape), generator=torch.Generator().manual_seed(11))
+    sigmas, timesteps = scorer.sigma_table.snap(torch.tensor(levels))
+    states, pooled = scorer.prompt_encoder(prompts)
+    per_draw = []
+    with torch.no_grad():
+        for d in range(draws):
+            noisy = torch.stack([add_noise(latents, sigmas[k].expand(2), noise[d, k]) for k in range(3)])
+            per_draw.append(scorer.model.forward_ensemble(noisy, states, pooled, timesteps)[:, 0])
+    torch.testing.assert_close(result.raw, torch.stack(per_draw).mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_images_are_encoded_with_the_vae_and_its_normalisation(scorer, pipe, tmp_path):
+    array = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    path = tmp_path / "x.png"
+    Image.fromarray(array).save(path)
+    pixels = torch.from_numpy(array).permute(2, 0, 1).float()[None] / 255
+    with torch.no_grad():
+        z = pipe.vae.encode(pixels * 2 - 1).latent_dist.mode()
+    latents = (z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+    from_file = scorer.score("a cat", images=[path], u=0.1, seed=0)
+    from_pil = scorer.score("a cat", images=[Image.fromarray(array)], u=0.1, seed=0)
+    from_latents = scorer.score("a cat", latents=latents, u=0.1, seed=0)
+    torch.testing.assert_close(from_file.raw, from_latents.raw, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(from_pil.raw, from_latents.raw, rtol=1e-5, atol=1e-5)
+
+
+def test_images_of_different_sizes_are_cropped_and_scored_in_order(scorer):
+    images = [torch.rand(3, 64, 64), torch.rand(3, 70, 90), torch.rand(3, 64, 64)]
+    mixed = scorer.score(["a", "b", "c"], images=images, seed=0).raw
+    alone = scorer.score(["b"], images=[images[1][:, 3:67, 5:85]], seed=0).raw
+    assert mixed.shape == (3,)
+    assert torch.isfinite(mixed).all() and alone.shape == (1,)
+
+
+def test_gradients_flow_to_latents_when_asked(scorer):
+    latents = make_latents(1).requires_grad_(True)
+    scorer.score("a", latents=latents, seed=0, grad=True).raw.sum().backward()
+    assert latents.grad is not None and latents.grad.abs().sum() > 0
+
+
+class TestBadInput:
+    def test_prompt_count_mismatch(self, scorer):
+        with pytest.raises(ValueError, match="got 3 prompts for 2 images/latents"):
+            scorer.score(["a", "b", "c"], latents=make_latents(2))
+
+    def test_missing_and_unreadable_images(self, scorer, tmp_path):
+        with pytest.raises(FileNotFoundError, match="image not found"):
+            scorer.score("a", images=[tmp_path / "missing.png"])
+        bad = tmp_path / "bad.png"
+        bad.write_bytes(b"not a png")
+        with pytest.raises(ValueError, match="cannot read image"):
+            scorer.score("a", images=[bad])
+
+    def test_out_of_range_image_tensor(self, scorer):
+        with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+            scorer.score("a", images=torch.rand(1, 3, 64, 64) * 2 - 1)
+
+    def test_both_or_neither_input(self, scorer):
+        with pytest.raises(ValueError, match="exactly one of images= or latents="):
+            scorer.score("a")
+
+    def test_wrong_latent_channels_and_nan(self, scorer):
+        with pytest.raises(ValueError, match="channels"):
+            scorer.score("a", latents=torch.randn(1, 16, 8, 8))
+        with pytest.raises(ValueError, match="NaN or inf"):
+            scorer.score("a", latents=torch.full((1, 4, 8, 8), float("inf")))
+
+    def test_missing_generator_directory(self, reward_dir, tmp_path):
+        with pytest.raises(OSError, match="cannot load the generator pipeline"):
+            Scorer.from_pretrained(reward_dir, tmp_path / "no-such-model")
