@@ -169,6 +169,11 @@ class TestBadInput:
         with pytest.raises(ValueError, match="outputs no text stream"):
             DiNaLRM(tiny_config(num_transformer_layers=4, visual_head_idx=[4], text_head_idx=[4]), pipe.transformer)
 
+    def test_transformer_already_carrying_lora(self, pipe):
+        DiNaLRM(tiny_config(), pipe.transformer)
+        with pytest.raises(ValueError, match="already carries LoRA layers"):
+            DiNaLRM(tiny_config(), pipe.transformer)
+
     def test_unknown_backbone(self, pipe):
         with pytest.raises(ValueError, match="unknown backbone 'flux9'"):
             DiNaLRM(tiny_config(backbone="flux9"), pipe.transformer)

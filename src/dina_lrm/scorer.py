@@ -48,10 +48,14 @@ class Scorer:
         self.vae = vae
 
     @classmethod
-    def from_pipeline(cls, reward_dir: str | Path, pipe, max_sequence_length: int = 128) -> "Scorer":
-        model = DiNaLRM.from_pretrained(reward_dir, pipe.transformer)
+    def from_model(cls, model: DiNaLRM, pipe, max_sequence_length: int = 128) -> "Scorer":
+        """A scorer around an in-memory model, with ``pipe``'s text encoders, VAE and sigma table."""
         encoder = SD3PromptEncoder.from_pipeline(pipe, max_sequence_length=max_sequence_length)
         return cls(model, encoder, SigmaTable.from_scheduler(pipe.scheduler), vae=pipe.vae)
+
+    @classmethod
+    def from_pipeline(cls, reward_dir: str | Path, pipe, max_sequence_length: int = 128) -> "Scorer":
+        return cls.from_model(DiNaLRM.from_pretrained(reward_dir, pipe.transformer), pipe, max_sequence_length)
 
     @classmethod
     def from_pretrained(

@@ -28,6 +28,11 @@ class DiNaLRM(nn.Module):
         self.config = config if isinstance(config, DiNaConfig) else DiNaConfig(model=config)
         model_cfg = self.config.model
         model_cfg.validate()
+        if any("lora_" in name for name, _ in transformer.named_parameters()):
+            raise ValueError(
+                "this transformer already carries LoRA layers (another DiNaLRM shares its blocks); "
+                "pass a fresh transformer, e.g. copy.deepcopy(pipe.transformer) or a new from_pretrained"
+            )
         backbone = backbone_class(model_cfg.backbone).from_transformer(
             transformer, model_cfg.num_transformer_layers, model_cfg.visual_taps, model_cfg.text_taps
         )

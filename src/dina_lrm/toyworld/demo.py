@@ -121,7 +121,7 @@ def train(model: DiNaLRM, scorer: Scorer, pairs, steps: int, seed: int) -> list[
 
 def plot_history(history: list[dict], path: Path) -> None:
     steps = [h["step"] for h in history]
-    window = 20
+    window = min(20, len(history))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     for ax, key in zip(axes, ("loss", "accuracy")):
         values = np.array([h[key] for h in history])
@@ -160,8 +160,7 @@ def run_demo(out: Path, steps: int = 500, seed: int = 0, num_train: int = 256, n
     generator.save_pretrained(str(generator_dir))
     pipe = StableDiffusion3Pipeline.from_pretrained(str(generator_dir))
     model = DiNaLRM(DiNaConfig.from_dict({"model": DEMO_MODEL}), pipe.transformer)
-    untrained_dir = model.save_pretrained(out / "reward_untrained")
-    scorer = Scorer.from_pipeline(untrained_dir, pipe)
+    scorer = Scorer.from_model(model, pipe)
     before = evaluate(scorer, eval_pairs)
     timings["setup"] = time.perf_counter() - start
 

@@ -1,0 +1,93 @@
+"""K=3 noise-level ensemble scoring: our one batched backbone pass vs. the per-level loop.
+
+A mid-size SD3-shaped transformer (hidden 384, 6 kept joint blocks with dual attention,
+16 latent channels, 32x32 latents = 256 image tokens, 109 text tokens) on the CPU. Each mode
+runs in its own process so its peak resident memory can be read; scores of both are checked equal.
+
+    python bench/score_throughput.py [--batch 4] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import time
+
+import torch
+
+LEVELS = [0.2, 0.5, 0.8]
+
+
+def build(seed: int = 0):
+    from diffusers import SD3Transformer2DModel
+
+    from dina_lrm import DiNaConfig, DiNaLRM
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=8, attention_head_dim=64,
+        num_attention_heads=6, joint_attention_dim=512, caption_projection_dim=384, pooled_projection_dim=256,
+        qk_norm="rms_norm", dual_attention_layers=tuple(range(6)), pos_embed_max_size=64,
+    )
+    config = DiNaConfig.from_dict({"model": {"num_transformer_layers": 6, "visual_head_idx": [2, 4, 6],
+                                             "text_head_idx": [2, 4, 6]}})
+    return DiNaLRM(config, transformer).eval()
+
+
+def looped(model, latents, states, pooled, timesteps):
+    """The naive way: one backbone pass per noise level, then the head's ensemble."""
+    levels = []
+    for k in range(latents.shape[0]):
+        out = model.features(latents[k], states, pooled, timesteps[k])
+        levels.append((out.visual, out.text, out.temb))
+    return model.reward_head.forward_ensemble(levels)
+
+
+def run_mode(mode: str, batch: int, repeats: int, queue) -> None:
+    torch.set_num_threads(torch.get_num_threads())
+    model = build()
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(len(LEVELS), batch, 16, 32, 32, generator=generator)
+    states, pooled = torch.randn(batch, 109, 512, generator=generator), torch.randn(batch, 256, generator=generator)
+    timesteps = torch.tensor(LEVELS) * 1000
+    score = model.forward_ensemble if mode == "batched" else lambda *a: looped(model, *a)
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.no_grad():
+        scores = score(latents, states, pooled, timesteps)  # warm-up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            score(latents, states, pooled, timesteps)
+        seconds = (time.perf_counter() - start) / repeats
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    queue.put({"mode": mode, "latents_per_s": batch / seconds, "s_per_batch": seconds,
+               "peak_extra_mib": (peak - baseline) / 1024, "scores": scores[:, 0].tolist()})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    context = mp.get_context("spawn")
+    results = {}
+    for mode in ("batched", "loop"):
+        queue = context.Queue()
+        process = context.Process(target=run_mode, args=(mode, args.batch, args.repeats, queue))
+        process.start()
+        results[mode] = queue.get()
+        process.join()
+    batched, loop = results["batched"], results["loop"]
+    gap = max(abs(a - b) for a, b in zip(batched["scores"], loop["scores"]))
+    print(f"K={len(LEVELS)} ensemble, batch {args.batch}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{'':24}{'batched (ours)':>16}{'per-level loop':>16}")
+    print(f"{'latents/s':24}{batched['latents_per_s']:16.2f}{loop['latents_per_s']:16.2f}")
+    print(f"{'seconds per batch':24}{batched['s_per_batch']:16.3f}{loop['s_per_batch']:16.3f}")
+    print(f"{'peak extra memory (MiB)':24}{batched['peak_extra_mib']:16.0f}{loop['peak_extra_mib']:16.0f}")
+    print(f"speed-up {loop['s_per_batch'] / batched['s_per_batch']:.2f}x; max score difference {gap:.2e}")
+    print(json.dumps({k: {m: v for m, v in r.items() if m != "scores"} for k, r in results.items()}))
+
+
+if __name__ == "__main__":
+    main()

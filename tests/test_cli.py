@@ -1,0 +1,53 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dina_lrm import DiNaLRM
+from dina_lrm.cli import main
+from conftest import tiny_config
+
+
+@pytest.fixture
+def setup(pipe, pipeline_dir, tmp_path):
+    reward = DiNaLRM(tiny_config(), pipe.transformer).save_pretrained(tmp_path / "reward")
+    images = []
+    for i in range(2):
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray((np.random.default_rng(i).random((64, 64, 3)) * 255).astype(np.uint8)).save(path)
+        images.append(path)
+    return reward, pipeline_dir, images, tmp_path
+
+
+def test_score_prints_a_table(setup, capsys):
+    reward, model, images, _ = setup
+    assert main(["score", "--reward", str(reward), "--model", str(model), "--prompt", "a red circle", *map(str, images)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[:2] == ["raw", "normalized"] and len(lines) == 3
+    raw, normalized = map(float, lines[1].split()[:2])
+    assert normalized == pytest.approx((raw + 10) / 10, abs=1e-4)
+
+
+def test_score_json_from_pairs_files_matches_direct_call(setup, capsys):
+    reward, model, images, tmp = setup
+    (tmp / "pairs.csv").write_text("prompt,image\n" + "".join(f"a red circle,{p.name}\n" for p in images))
+    (tmp / "pairs.jsonl").write_text("".join(json.dumps({"prompt": "a red circle", "image": p.name}) + "\n" for p in images))
+    outputs = []
+    for args in (["--pairs", str(tmp / "pairs.csv")], ["--pairs", str(tmp / "pairs.jsonl")],
+                 ["--prompt", "a red circle", *map(str, images)]):
+        assert main(["score", "--reward", str(reward), "--model", str(model), "--json", *args]) == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    raws = [[row["raw"] for row in out["scores"]] for out in outputs]
+    assert raws[0] == raws[1] == raws[2] and len(raws[0]) == 2
+
+
+def test_errors_are_reported_not_raised(setup, capsys):
+    reward, model, _, tmp = setup
+    assert main(["score", "--reward", str(reward), "--model", str(model), "--prompt", "x", str(tmp / "missing.png")]) == 2
+    assert "image not found" in capsys.readouterr().err
+    assert main(["score", "--reward", str(tmp / "none"), "--model", str(model), "--prompt", "x", str(tmp / "a.png")]) == 2
+    assert "reward model directory not found" in capsys.readouterr().err
+    (tmp / "empty.csv").write_text("prompt,image\n")
+    assert main(["score", "--reward", str(reward), "--model", str(model), "--pairs", str(tmp / "empty.csv")]) == 2
+    assert "holds no rows" in capsys.readouterr().err
