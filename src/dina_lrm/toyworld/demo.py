@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from dina_lrm.config import DiNaConfig
 from dina_lrm.models.reward_model import DiNaLRM
-from dina_lrm.noise import NoiseSampler, SigmaTable
+from dina_lrm.noise import NoiseSampler
 from dina_lrm.scorer import Scorer
 from dina_lrm.toyworld.tiny_sd3 import build_tiny_sd3_pipeline, calibrate_vae_normalisation
 from dina_lrm.train.step import PreferenceBatch, preference_step
