@@ -1,8 +1,7 @@
 """K=3 noise-level ensemble scoring: our one batched backbone pass vs. the per-level loop.
 
-A mid-size SD3-shaped transformer (hidden 384, 6 kept joint blocks with dual attention,
-16 latent channels, 32x32 latents = 256 image tokens, 109 text tokens) on the CPU. Each mode
-runs in its own process so its peak resident memory can be read; scores of both are checked equal.
+The mid-size SD3-shaped model of ``midsize.py`` on the CPU. Each mode runs in its own process so
+its peak resident memory can be read; scores of both are checked equal.
 
     python bench/score_throughput.py [--batch 4] [--repeats 5]
 """
@@ -16,24 +15,9 @@ import resource
 import time
 
 import torch
+from midsize import LATENT_SHAPE, build_model, text_inputs
 
 LEVELS = [0.2, 0.5, 0.8]
-
-
-def build(seed: int = 0):
-    from diffusers import SD3Transformer2DModel
-
-    from dina_lrm import DiNaConfig, DiNaLRM
-
-    torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
-        sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=8, attention_head_dim=64,
-        num_attention_heads=6, joint_attention_dim=512, caption_projection_dim=384, pooled_projection_dim=256,
-        qk_norm="rms_norm", dual_attention_layers=tuple(range(6)), pos_embed_max_size=64,
-    )
-    config = DiNaConfig.from_dict({"model": {"num_transformer_layers": 6, "visual_head_idx": [2, 4, 6],
-                                             "text_head_idx": [2, 4, 6]}})
-    return DiNaLRM(config, transformer).eval()
 
 
 def looped(model, latents, states, pooled, timesteps):
@@ -47,10 +31,10 @@ def looped(model, latents, states, pooled, timesteps):
 
 def run_mode(mode: str, batch: int, repeats: int, queue) -> None:
     torch.set_num_threads(torch.get_num_threads())
-    model = build()
+    model = build_model().eval()
     generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(len(LEVELS), batch, 16, 32, 32, generator=generator)
-    states, pooled = torch.randn(batch, 109, 512, generator=generator), torch.randn(batch, 256, generator=generator)
+    latents = torch.randn(len(LEVELS), batch, *LATENT_SHAPE, generator=generator)
+    states, pooled = text_inputs(batch, generator)
     timesteps = torch.tensor(LEVELS) * 1000
     score = model.forward_ensemble if mode == "batched" else lambda *a: looped(model, *a)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

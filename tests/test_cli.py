@@ -2,11 +2,11 @@ import json
 
 import numpy as np
 import pytest
+from conftest import tiny_config
 from PIL import Image
 
 from dina_lrm import DiNaLRM
 from dina_lrm.cli import main
-from conftest import tiny_config
 
 
 @pytest.fixture

@@ -41,7 +41,8 @@ def test_release_config_json_loads(tmp_path):
     assert config.model.backbone_mode == "lora"
     assert config.model.lora_config.r == 64 and config.model.lora_config.lora_alpha == 128
     assert config.training.learning_rate == 5e-5
-    assert config.system == {"seed": 42}
+    assert config.system.seed == 42 and config.data.train.base_batch_size == 4
+    assert config.paths.run_dir.as_posix() == "outputs/SD35M-Thurstone-12layers"
 
 
 def test_defaults_are_the_release_configuration():

@@ -1,19 +1,59 @@
 import json
 
-from dina_lrm.toyworld.demo import make_pairs, run_demo
+import torch
+from test_toyworld_data import SMALL
+
+from dina_lrm.cli import main
+from dina_lrm.scorer import Scorer, load_pipeline
+from dina_lrm.toyworld.demo import DINA_LOSSES, PIXEL_METHOD, SHIPPED_GENERATOR, U_GRID, DemoConfig, run_demo
+from dina_lrm.toyworld.generator import T5_TOKENS
+from dina_lrm.toyworld.preferences import PreferenceDataConfig
+from dina_lrm.toyworld.pretrain import PretrainConfig, pretrain
 
 
-def test_demo_pairs_differ_only_by_a_defect():
-    prompt, clean, defect = make_pairs(1, seed=0)[0]
-    assert prompt.startswith("a ") and prompt.endswith(" square")
-    assert clean.shape == defect.shape == (64, 64, 3) and (clean != defect).any()
+def test_shipped_generator_is_small_and_loads():
+    size = sum(f.stat().st_size for f in SHIPPED_GENERATOR.rglob("*") if f.is_file())
+    assert size < 20e6
+    pipe = load_pipeline(SHIPPED_GENERATOR)
+    assert pipe.transformer.config.dual_attention_layers and pipe.vae_scale_factor == 4
+    record = json.loads((SHIPPED_GENERATOR / "pretrain.json").read_text())
+    assert record["config"]["seed"] == 0
 
 
-def test_tiny_demo_run_writes_report_and_reloadable_checkpoint(tmp_path):
-    summary = run_demo(tmp_path, steps=3, num_train=16, num_eval=8)
-    assert set(summary["after"]) == {"u=0.1", "u=0.4", "u=0.7", "ensemble 0.1+0.4+0.7"}
-    assert all(0.0 <= v <= 1.0 for v in summary["after"].values())
-    assert (tmp_path / "report.md").read_text().count("|") > 20
-    assert (tmp_path / "training_curve.png").stat().st_size > 1000
-    assert (tmp_path / "reward" / "checkpoint" / "backbone_lora" / "adapter_model.safetensors").is_file()
-    assert json.loads((tmp_path / "summary.json").read_text())["final_loss"] > 0
+def test_tiny_end_to_end_demo(tmp_path):
+    data = PreferenceDataConfig(train_prompts=6, test_prompts=4, samples_per_prompt=3, sampling_steps=3, batch_size=16)
+    config = DemoConfig(data=data, budget_s=None, max_steps=2, eval_every_s=1e9, monitor_pairs=8)
+    summary = run_demo(tmp_path, config)
+    accuracy = summary["accuracy"]
+    for name in DINA_LOSSES:
+        assert len(accuracy[name]["per_u"]) == len(U_GRID)
+        assert all(0 <= v <= 1 for v in accuracy[name]["per_u"].values()) and 0 <= accuracy[name]["ensemble"] <= 1
+    assert 0 <= accuracy[PIXEL_METHOD]["accuracy"] <= 1
+    assert summary["data"]["train"]["pairs"] > 0 and summary["data"]["test"]["label_flip_rate"] == 0
+    for name in ("report.md", "accuracy_vs_u.png", "training_curves.png", "samples.png", "summary.json",
+                 "shards/train/index.json", "shards/test/index.json"):
+        assert (tmp_path / name).is_file(), name
+    assert "| DiNa-LRM (Thurstone) |" in (tmp_path / "report.md").read_text()
+    assert all(h[-1]["step"] == 2 for h in summary["histories"].values())
+    scorer = Scorer.from_pretrained(tmp_path / "reward_model", SHIPPED_GENERATOR, max_sequence_length=T5_TOKENS)
+    latents = torch.zeros(1, 4, 16, 16)
+    assert torch.isfinite(scorer.score("a red circle", latents=latents, seed=0).raw).all()
+
+
+def test_pretrain_is_deterministic_and_loadable(tmp_path):
+    config = PretrainConfig(vae_steps=2, dataset_size=64, generator_steps=2, warmup_steps=1, generator=SMALL)
+    first, second = pretrain(tmp_path / "a", config), pretrain(tmp_path / "b", config)
+    for name, value in first.transformer.state_dict().items():
+        torch.testing.assert_close(value, second.transformer.state_dict()[name], rtol=0, atol=0)
+    loaded = load_pipeline(tmp_path / "a")
+    torch.testing.assert_close(loaded.vae.decoder.conv_out.weight, first.vae.decoder.conv_out.weight)
+    assert loaded.vae.config.scaling_factor == first.vae.config.scaling_factor != 1.0
+    record = json.loads((tmp_path / "a" / "pretrain.json").read_text())
+    assert record["config"]["generator_steps"] == 2 and record["generator_final_loss"] > 0
+
+
+def test_pretrain_command(tmp_path):
+    out = tmp_path / "generator"
+    assert main(["toyworld", "pretrain", "--out", str(out), "--vae-steps", "1", "--generator-steps", "1",
+                 "--dataset-size", "32"]) == 0
+    assert load_pipeline(out).transformer.config.num_layers == 4

@@ -3,12 +3,12 @@ import shutil
 
 import pytest
 import torch
+from conftest import make_latents, randomize_lora, tiny_config
 from peft import PeftModel
 
 from dina_lrm import CheckpointError, DiNaLRM
 from dina_lrm.noise import NoiseSampler, SigmaTable
 from dina_lrm.train.step import PreferenceBatch, preference_step
-from conftest import make_latents, randomize_lora, tiny_config
 
 
 def _fresh_transformer(pipe):

@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 import torch
+from conftest import make_latents, randomize_lora, tiny_config
 from PIL import Image
 
 from dina_lrm import DiNaLRM, Scorer
 from dina_lrm.noise import add_noise
-from conftest import make_latents, randomize_lora, tiny_config
 
 
 @pytest.fixture

@@ -1,16 +1,15 @@
-"""Command line: ``dina-lrm score`` and ``dina-lrm demo``."""
+"""Command line: ``dina-lrm score | prepare | train | demo | toyworld pretrain``."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import csv
 import json
 import sys
 from pathlib import Path
 
-import torch
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from dina_lrm.scorer import DTYPES
 
 
 def read_pairs(path: Path) -> list[tuple[str, str]]:
@@ -42,7 +41,9 @@ def run_score(args) -> int:
         pairs = [(args.prompt, image) for image in args.images]
     else:
         raise SystemExit("dina-lrm score: give --prompt and IMAGE paths, or --pairs FILE")
-    scorer = Scorer.from_pretrained(args.reward, args.model, device=args.device, dtype=DTYPES[args.dtype])
+    scorer = Scorer.from_pretrained(
+        args.reward, args.model, device=args.device, dtype=DTYPES[args.dtype], max_sequence_length=args.max_sequence_length
+    )
     result = scorer.score(
         [p for p, _ in pairs],
         images=[i for _, i in pairs],
@@ -68,10 +69,53 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(args) -> int:
-    from dina_lrm.toyworld.demo import run_demo as demo
+def run_prepare(args) -> int:
+    from dina_lrm.data.prepare import PrepareConfig, prepare
+    from dina_lrm.data.shards import read_index
 
-    demo(Path(args.out), steps=args.steps, seed=args.seed)
+    fields = {f.name for f in dataclasses.fields(PrepareConfig)}
+    config = PrepareConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    index_path = prepare(config)
+    if index_path is not None:
+        from dina_lrm.data.records import ReadReport
+
+        index = read_index(index_path.parent)
+        print(f"{index['num_pairs']} pairs in {len(index['shards'])} shards at {index_path.parent}")
+        print(ReadReport.from_dict(index["report"]).summary())
+        print("buckets: " + ", ".join(f"{name} ({count})" for name, count in index["buckets"].items()))
+    return 0
+
+
+def run_train(args) -> int:
+    from accelerate import PartialState
+
+    from dina_lrm.config import load_config
+    from dina_lrm.train.trainer import train
+
+    final = train(load_config(args.config, args.set), resume=args.resume)
+    if PartialState().is_main_process:
+        print(f"Wrote the reward model (EMA weights) to {final}")
+    return 0
+
+
+def run_demo(args) -> int:
+    from dina_lrm.toyworld.demo import DemoConfig
+    from dina_lrm.toyworld.demo import run_demo as demo
+    from dina_lrm.toyworld.preferences import PreferenceDataConfig
+
+    data = PreferenceDataConfig(train_prompts=args.train_prompts, test_prompts=args.test_prompts, flip_rate=args.flip_rate,
+                                seed=args.seed)
+    config = DemoConfig(data=data, budget_s=args.budget_seconds, seed=args.seed)
+    demo(Path(args.out), config, generator_dir=args.generator, from_scratch=args.from_scratch)
+    return 0
+
+
+def run_pretrain(args) -> int:
+    from dina_lrm.toyworld.pretrain import PretrainConfig, pretrain
+
+    overrides = {k: getattr(args, k) for k in ("vae_steps", "generator_steps", "dataset_size") if getattr(args, k) is not None}
+    pretrain(Path(args.out), PretrainConfig(seed=args.seed, **overrides))
+    print(f"Wrote the toy generator to {args.out} (load it with dina_lrm.scorer.load_pipeline)")
     return 0
 
 
@@ -91,14 +135,50 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--seed", type=int, default=0)
     score.add_argument("--device", default="cpu")
     score.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    score.add_argument("--max-sequence-length", type=int, default=128, help="T5 tokens, as the reward model was trained")
     score.add_argument("--json", action="store_true", help="machine-readable output")
     score.set_defaults(func=run_score)
 
-    demo = commands.add_parser("demo", help="train, save, reload and score a reward model on a tiny generator")
+    prepare = commands.add_parser("prepare", help="encode a preference dataset into latent shards for training")
+    prepare.add_argument("--format", required=True, help="pickapic, hpdv3, imagereward or generic")
+    prepare.add_argument("--input", required=True, help="dataset file or directory (see docs/data.md)")
+    prepare.add_argument("--out", required=True, help="shard directory to write (rerun to resume)")
+    prepare.add_argument("--model", required=True, help="generator pipeline whose VAE encodes the images")
+    prepare.add_argument("--images-root", help="where relative image paths start (default: the dataset file's folder)")
+    prepare.add_argument("--reference-size", type=int, help="bucket area = SIZE^2 pixels (default: the generator's native size)")
+    prepare.add_argument("--bucket-step", type=int, help="bucket side step in pixels (default: 4 x VAE factor x patch size)")
+    prepare.add_argument("--batch-size", type=int, help="images per VAE call (default 16)")
+    prepare.add_argument("--groups-per-shard", type=int, help="prompt groups per shard: the unit of resume and of the rank split (default 512)")
+    prepare.add_argument("--cache-prompt-embeds", action="store_true", help="store text embeddings so training skips the text encoders")
+    prepare.add_argument("--max-sequence-length", type=int, help="T5 tokens when caching embeddings (default 128)")
+    prepare.add_argument("--dtype", choices=sorted(DTYPES), help="VAE precision (default float32)")
+    prepare.set_defaults(func=run_prepare)
+
+    train = commands.add_parser("train", help="train DiNa-LRM on prepared shards (run under `accelerate launch` for several GPUs)")
+    train.add_argument("--config", required=True, help="YAML (or the release's JSON) training configuration")
+    train.add_argument("--resume", help="'latest' or a checkpoint directory to continue from")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. training.max_steps=100")
+    train.set_defaults(func=run_train)
+
+    demo = commands.add_parser("demo", help="the toy world end to end: data, DiNa-LRM vs. baselines, report")
     demo.add_argument("--out", default="demo_out")
-    demo.add_argument("--steps", type=int, default=500)
+    demo.add_argument("--budget-seconds", type=float, default=100.0, help="training CPU seconds per method")
+    demo.add_argument("--generator", help="toy generator directory (default: the shipped one)")
+    demo.add_argument("--from-scratch", action="store_true", help="pretrain the toy generator first (~30 min)")
+    demo.add_argument("--train-prompts", type=int, default=300)
+    demo.add_argument("--test-prompts", type=int, default=100)
+    demo.add_argument("--flip-rate", type=float, default=0.2, help="share of training labels the noisy rater flips")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=run_demo)
+
+    toyworld = commands.add_parser("toyworld", help="the toy world's generator").add_subparsers(dest="action", required=True)
+    pretrain = toyworld.add_parser("pretrain", help="train the toy VAE, text encoders and generator from scratch")
+    pretrain.add_argument("--out", required=True)
+    pretrain.add_argument("--seed", type=int, default=0)
+    pretrain.add_argument("--vae-steps", type=int, help="VAE training steps (default: PretrainConfig's)")
+    pretrain.add_argument("--generator-steps", type=int, help="generator training steps (default: PretrainConfig's)")
+    pretrain.add_argument("--dataset-size", type=int, help="renders the generator trains on (default: PretrainConfig's)")
+    pretrain.set_defaults(func=run_pretrain)
     return parser
 
 
@@ -106,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, OSError, TypeError) as err:
+    except (FileNotFoundError, ValueError, OSError, TypeError, RuntimeError) as err:
         print(f"dina-lrm {args.command}: error: {err}", file=sys.stderr)
         return 2
 

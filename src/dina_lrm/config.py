@@ -98,39 +98,138 @@ class ModelConfig:
             )
 
 
+MIXED_PRECISION = ("fp32", "no", "bf16", "fp16")
+LR_SCHEDULERS = ("constant", "cosine")
+
+
 @dataclass
 class TrainingConfig:
-    mixed_precision: str = "bf16"
+    mixed_precision: str = "bf16"  # fp32 (or no), bf16, fp16
     gradient_accumulation_steps: int = 1
     num_epochs: int = 1
-    uncond_prob: float = 0.0
+    max_steps: int = -1  # > 0: stop after this many optimizer steps (overrides num_epochs)
+    uncond_prob: float = 0.0  # deprecated in the release; only 0 is accepted
     learning_rate: float = 5e-5
     weight_decay: float = 0.01
     warmup_steps: int = 1000
-    lr_scheduler: str = "constant"
+    lr_scheduler: str = "constant"  # after the linear warmup: constant or cosine
     max_grad_norm: float = 1.0
     t_weighting_scheme: str = "uniform"
     t_weighting_scheme_param: float = 0.0
-    use_vae: bool = False
+    use_vae: bool = False  # the release's flag for encoding pixels while training; we train on pre-encoded latents
     add_noise: bool = True
+    gradient_checkpointing: bool = False
+
+    def validate(self) -> None:
+        from dina_lrm.noise import SAMPLING_SCHEMES
+
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(f"training.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ConfigError(f"training.lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}")
+        if self.t_weighting_scheme not in SAMPLING_SCHEMES:
+            raise ConfigError(f"training.t_weighting_scheme must be one of {SAMPLING_SCHEMES}, got {self.t_weighting_scheme!r}")
+        if self.uncond_prob != 0.0:
+            raise ConfigError("training.uncond_prob is deprecated in the release (it did not help); only 0.0 is accepted")
+        if self.use_vae:
+            raise ConfigError("training.use_vae=true is not supported: encode images once with `dina-lrm prepare`")
+        for name in ("gradient_accumulation_steps", "num_epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"training.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class TrainDataConfig:
+    """The release's ``data.train`` keys. ``parquet_files``: shard directories written by
+    ``dina-lrm prepare``, or glob patterns matching them."""
+
+    parquet_files: str | list[str] = ""
+    bucket_file: str | None = None  # the release's CSV bucket index; our shards carry each pair's bucket
+    base_batch_size: int = 4  # pairs per process per micro-step
+    reference_size: int = 1024
+    num_workers: int = 0
+    shuffle: bool = True
+    seed: int = 42
+    use_dynamic_bsz: bool = False
+    max_sequence_length: int = 128  # T5 tokens when prompts are encoded during training (no cached embeddings)
+
+    def validate(self) -> None:
+        if self.use_dynamic_bsz:
+            raise ConfigError("data.train.use_dynamic_bsz=true is not supported: a batch holds base_batch_size pairs of one bucket")
+        if self.base_batch_size < 1:
+            raise ConfigError(f"data.train.base_batch_size must be >= 1, got {self.base_batch_size}")
+
+
+@dataclass
+class EvalDataConfig:
+    """One named evaluation set (the release's ``data.eval.<name>``)."""
+
+    parquet_files: str | list[str] = ""
+    batch_size: int = 16
+    num_workers: int = 0
+    shuffle: bool = False
+
+
+@dataclass
+class DataConfig:
+    train: TrainDataConfig = field(default_factory=TrainDataConfig)
+    eval: dict[str, EvalDataConfig] = field(default_factory=dict)
+
+
+@dataclass
+class PathsConfig:
+    run_name: str = "SD35M-Thurstone-12layers"
+    save_dir: str = "outputs"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.save_dir) / self.run_name
+
+
+@dataclass
+class LoggingConfig:
+    eval_frac: int = 1000  # the release's name: evaluate every this many optimizer steps
+    save_frac: int = 2000  # checkpoint every this many optimizer steps
+    log_every: int = 10
+    report_to: str = "tensorboard"  # tensorboard, wandb or none
+    eval_u: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
+    checkpoints_total_limit: int = 0  # keep only the newest N training-state checkpoints (0: keep all)
+
+    def validate(self) -> None:
+        if self.report_to not in ("tensorboard", "wandb", "none"):
+            raise ConfigError(f"logging.report_to must be tensorboard, wandb or none, got {self.report_to!r}")
+        for name in ("eval_frac", "save_frac", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"logging.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class SystemConfig:
+    seed: int = 42
 
 
 @dataclass
 class DiNaConfig:
-    """The whole configuration file: the release's sections, ``model`` and ``training`` typed."""
+    """The whole configuration file, with the release's sections and keys."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
-    data: dict[str, Any] = field(default_factory=dict)
-    paths: dict[str, Any] = field(default_factory=dict)
-    logging: dict[str, Any] = field(default_factory=dict)
-    system: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "DiNaConfig":
+    def from_dict(cls, raw: dict[str, Any]) -> DiNaConfig:
         config = from_dict(cls, raw)
-        config.model.validate()
+        config.validate()
         return config
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.training.validate()
+        self.data.train.validate()
+        self.logging.validate()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -151,13 +250,57 @@ def from_dict(cls: type, raw: Any, where: str = ""):
             near = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else f" (valid keys: {', '.join(names)})"
             raise ConfigError(f"unknown config key {path!r}{hint}")
-        hint = hints[key]
-        values[key] = from_dict(hint, value, path) if dataclasses.is_dataclass(hint) else value
+        values[key] = _typed(hints[key], value, path)
     return cls(**values)
 
 
-def load_config(path: str | Path) -> DiNaConfig:
-    """Read a YAML or JSON configuration file (the release's ``config.json`` included)."""
+def _typed(hint, value: Any, path: str):
+    """``value`` as a dataclass, or as a dict of dataclasses, where the type hint asks for one."""
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, path)
+    if typing.get_origin(hint) is dict and dataclasses.is_dataclass(typing.get_args(hint)[1]):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping of names to sections, got {type(value).__name__}")
+        return {name: from_dict(typing.get_args(hint)[1], section, f"{path}.{name}") for name, section in value.items()}
+    return value
+
+
+def config_differences(a: DiNaConfig, b: DiNaConfig) -> list[str]:
+    """``"key: a -> b"`` for every dotted key whose value differs."""
+    flat_a, flat_b = flatten_config(a.to_dict()), flatten_config(b.to_dict())
+    return [f"{key}: {flat_a.get(key)!r} -> {flat_b.get(key)!r}" for key in sorted(set(flat_a) | set(flat_b)) if flat_a.get(key) != flat_b.get(key)]
+
+
+def flatten_config(tree: dict, prefix: str = "") -> dict:
+    """Nested mapping -> ``{"section.key": value}``."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set ``section.key=value`` overrides (values parsed as YAML) in a raw config mapping."""
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r} is not of the form section.key=value")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {override!r}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(text)
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> DiNaConfig:
+    """Read a YAML or JSON configuration file (the release's ``config.json`` included), then apply
+    ``section.key=value`` overrides."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
@@ -166,4 +309,4 @@ def load_config(path: str | Path) -> DiNaConfig:
         raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise ConfigError(f"cannot parse {path}: {err}") from err
-    return DiNaConfig.from_dict(raw or {})
+    return DiNaConfig.from_dict(apply_overrides(raw or {}, overrides or []))

@@ -10,7 +10,7 @@ Every loss takes an optional soft ``target`` (the probability that the first ima
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -24,14 +24,14 @@ class SigmaTable:
         self.timesteps = timesteps.float()
 
     @classmethod
-    def from_scheduler(cls, scheduler_or_config) -> "SigmaTable":
+    def from_scheduler(cls, scheduler_or_config) -> SigmaTable:
         """Build from a scheduler (or its config) as a fresh scheduler has it: no ``set_timesteps``."""
         config = getattr(scheduler_or_config, "config", scheduler_or_config)
         fresh = FlowMatchEulerDiscreteScheduler.from_config(config)
         return cls(fresh.sigmas[: len(fresh.timesteps)], fresh.timesteps)
 
     @classmethod
-    def from_shift(cls, shift: float = 3.0, num_train_timesteps: int = 1000) -> "SigmaTable":
+    def from_shift(cls, shift: float = 3.0, num_train_timesteps: int = 1000) -> SigmaTable:
         return cls.from_scheduler(FlowMatchEulerDiscreteScheduler(num_train_timesteps, shift=shift))
 
     def snap(self, u: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +75,7 @@ class NoiseSampler:
             raise ValueError(f"unknown timestep sampling scheme {self.scheme!r}; choose one of {SAMPLING_SCHEMES}")
 
     @classmethod
-    def from_release(cls, scheme: str, param: float = 0.0) -> "NoiseSampler":
+    def from_release(cls, scheme: str, param: float = 0.0) -> NoiseSampler:
         """Map the release's ``t_weighting_scheme`` / ``t_weighting_scheme_param`` pair."""
         if scheme == "constant":
             return cls(scheme, value=param)

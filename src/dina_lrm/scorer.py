@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,12 +10,13 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
-from dina_lrm.data.images import center_crop_to_multiple, load_images
+from dina_lrm.data.images import center_crop_to_multiple, load_images, vae_encode
 from dina_lrm.models.reward_model import DiNaLRM
 from dina_lrm.models.sd3_text import SD3PromptEncoder
 from dina_lrm.noise import SigmaTable, add_noise
 
 SCORE_OFFSET, SCORE_SCALE = 10.0, 10.0
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def normalize_score(raw: torch.Tensor) -> torch.Tensor:
@@ -48,13 +50,13 @@ class Scorer:
         self.vae = vae
 
     @classmethod
-    def from_model(cls, model: DiNaLRM, pipe, max_sequence_length: int = 128) -> "Scorer":
+    def from_model(cls, model: DiNaLRM, pipe, max_sequence_length: int = 128) -> Scorer:
         """A scorer around an in-memory model, with ``pipe``'s text encoders, VAE and sigma table."""
         encoder = SD3PromptEncoder.from_pipeline(pipe, max_sequence_length=max_sequence_length)
         return cls(model, encoder, SigmaTable.from_scheduler(pipe.scheduler), vae=pipe.vae)
 
     @classmethod
-    def from_pipeline(cls, reward_dir: str | Path, pipe, max_sequence_length: int = 128) -> "Scorer":
+    def from_pipeline(cls, reward_dir: str | Path, pipe, max_sequence_length: int = 128) -> Scorer:
         return cls.from_model(DiNaLRM.from_pretrained(reward_dir, pipe.transformer), pipe, max_sequence_length)
 
     @classmethod
@@ -66,7 +68,7 @@ class Scorer:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         max_sequence_length: int = 128,
-    ) -> "Scorer":
+    ) -> Scorer:
         """``pipeline_or_model_id``: a loaded diffusers pipeline, a local pipeline directory or a hub id."""
         pipe = pipeline_or_model_id
         if isinstance(pipe, (str, Path)):
@@ -83,15 +85,7 @@ class Scorer:
         """Normalised VAE latents (1, C, h, w) per image, center-cropped to a valid size."""
         if self.vae is None:
             raise ValueError("this scorer has no VAE: pass latents, or build it from a pipeline")
-        config = self.vae.config
-        shift = config.shift_factor or 0.0
-        latents = []
-        for image in load_images(images):
-            pixels = center_crop_to_multiple(image, self.latent_multiple).unsqueeze(0)
-            pixels = (pixels * 2 - 1).to(self.vae.device, self.vae.dtype)
-            z = self.vae.encode(pixels).latent_dist.mode()
-            latents.append((z - shift) * config.scaling_factor)
-        return latents
+        return [vae_encode(self.vae, center_crop_to_multiple(image, self.latent_multiple)[None]) for image in load_images(images)]
 
     def score(
         self,
@@ -170,10 +164,18 @@ def vae_scale_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
 
 
-def load_pipeline(model_id_or_dir: str | Path, dtype: torch.dtype = torch.float32):
-    """A diffusers pipeline from a local directory or a hub id, with a clear error if neither loads."""
+def load_pipeline(model_id_or_dir: str | Path, dtype: torch.dtype = torch.float32, skip: list[str] | tuple = ()):
+    """A diffusers pipeline from a local directory or a hub id, with a clear error if neither loads.
+
+    Components a local pipeline saved as absent (SD3 without T5: ``text_encoder_3: [null, null]``)
+    are passed as None, which diffusers requires for non-optional components; so are the ``skip``
+    components (e.g. the text encoders when prompt embeddings are cached)."""
+    absent = {name: None for name in skip}
+    index = Path(model_id_or_dir) / "model_index.json"
+    if index.is_file():
+        absent.update({name: None for name, value in json.loads(index.read_text()).items() if value == [None, None]})
     try:
-        return DiffusionPipeline.from_pretrained(str(model_id_or_dir), dtype=dtype)
-    except (OSError, ValueError, EnvironmentError) as err:
+        return DiffusionPipeline.from_pretrained(str(model_id_or_dir), dtype=dtype, **absent)
+    except (OSError, ValueError) as err:
         where = "local directory" if Path(model_id_or_dir).exists() else "hub id (or missing local path)"
         raise OSError(f"cannot load the generator pipeline from {model_id_or_dir!r} ({where}): {err}") from err

@@ -67,3 +67,18 @@ def center_crop_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
         raise ValueError(f"image {height}x{width} is smaller than the minimum size {multiple}x{multiple}")
     top, left = (height - new_h) // 2, (width - new_w) // 2
     return image[..., top : top + new_h, left : left + new_w]
+
+
+def vae_encode(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Normalised latents ``(mode - shift_factor) * scaling_factor`` of (B, 3, H, W) pixels in [0, 1],
+    as diffusers' SD3 pipelines normalise them. The posterior mean keeps encoding deterministic."""
+    config = vae.config
+    latents = vae.encode((pixels * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mode()
+    return (latents - (config.shift_factor or 0.0)) * config.scaling_factor
+
+
+def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Pixels (B, 3, H, W) in [0, 1] from normalised latents (the inverse of :func:`vae_encode`)."""
+    config = vae.config
+    latents = latents.to(vae.device, vae.dtype) / config.scaling_factor + (config.shift_factor or 0.0)
+    return ((vae.decode(latents).sample + 1) / 2).clamp(0, 1)

@@ -21,7 +21,7 @@ class BackboneOutput:
     visual: list[torch.Tensor]  # per visual tap: (B, N_image_tokens, D)
     text: list[torch.Tensor]  # per text tap: (B, N_text_tokens, D)
 
-    def chunk(self, parts: int) -> list["BackboneOutput"]:
+    def chunk(self, parts: int) -> list[BackboneOutput]:
         """Split along the batch into ``parts`` equal outputs (undoes a concatenated batch)."""
         temb = self.temb.chunk(parts)
         visual = [t.chunk(parts) for t in self.visual]
@@ -49,7 +49,7 @@ class Backbone(Protocol):
     @classmethod
     def from_transformer(
         cls, transformer: nn.Module, num_layers: int, visual_taps: list[int], text_taps: list[int]
-    ) -> "Backbone": ...
+    ) -> Backbone: ...
 
     def lora_target_modules(self, exclude_last_text_stream: bool) -> tuple[list[str], list[str]]: ...
 

@@ -129,7 +129,7 @@ class DiNaLRM(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, transformer: nn.Module) -> "DiNaLRM":
+    def from_pretrained(cls, directory: str | Path, transformer: nn.Module) -> DiNaLRM:
         """Load our checkpoints or the release's, onto ``transformer``'s device and dtype (eval mode)."""
         directory = Path(directory)
         if not directory.is_dir():

@@ -47,7 +47,7 @@ class SD3Backbone(nn.Module):
         self.gradient_checkpointing = False
 
     @classmethod
-    def from_transformer(cls, transformer, num_layers, visual_taps, text_taps) -> "SD3Backbone":
+    def from_transformer(cls, transformer, num_layers, visual_taps, text_taps) -> SD3Backbone:
         return cls(transformer, num_layers, visual_taps, text_taps)
 
     def lora_target_modules(self, exclude_last_text_stream: bool) -> tuple[list[str], list[str]]:

@@ -8,7 +8,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-CLIP_MAX_LENGTH = 77
+CLIP_MAX_LENGTH = 77  # as diffusers' SD3 pipeline: the CLIP tokenizer's model_max_length, else 77
 
 
 class SD3PromptEncoder:
@@ -42,7 +42,7 @@ class SD3PromptEncoder:
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     @classmethod
-    def from_pipeline(cls, pipe, max_sequence_length: int = 128, cache_size: int = 1024) -> "SD3PromptEncoder":
+    def from_pipeline(cls, pipe, max_sequence_length: int = 128, cache_size: int = 1024) -> SD3PromptEncoder:
         return cls(
             [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3],
             [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3],
@@ -56,8 +56,13 @@ class SD3PromptEncoder:
         return next(self.text_encoders[0].parameters()).device
 
     def _clip(self, index: int, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = self.tokenizers[index](
-            prompts, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True, return_tensors="pt"
+        tokenizer = self.tokenizers[index]
+        ids = tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=getattr(tokenizer, "model_max_length", CLIP_MAX_LENGTH),
+            truncation=True,
+            return_tensors="pt",
         ).input_ids
         out = self.text_encoders[index](ids.to(self.device), output_hidden_states=True)
         return out.hidden_states[-2], out[0]
@@ -75,8 +80,8 @@ class SD3PromptEncoder:
         ).input_ids
         return self.text_encoders[2](ids.to(self.device))[0]
 
-    @torch.no_grad()
-    def _encode_new(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Uncached and differentiable (for training the text encoders); ``__call__`` is the cached path."""
         (clip_l, pooled_l), (clip_g, pooled_g) = self._clip(0, prompts), self._clip(1, prompts)
         clip = torch.cat([clip_l, clip_g], dim=-1)
         t5 = self._t5(prompts, clip.dtype)
@@ -84,13 +89,14 @@ class SD3PromptEncoder:
         return torch.cat([clip, t5.to(clip.dtype)], dim=-2), torch.cat([pooled_l, pooled_g], dim=-1)
 
     def __call__(self, prompts: list[str] | str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(encoder_hidden_states (B, 77 + T5 tokens, T5 width), pooled_projections (B, pooled width))."""
+        """(encoder_hidden_states (B, CLIP tokens + T5 tokens, T5 width), pooled_projections (B, pooled width))."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be strings")
         new = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if new:
-            states, pooled = self._encode_new(new)
+            with torch.no_grad():
+                states, pooled = self.encode(new)
             for i, prompt in enumerate(new):
                 self._cache[prompt] = (states[i], pooled[i])
         for prompt in prompts:

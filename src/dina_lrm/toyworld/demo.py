@@ -1,40 +1,55 @@
-"""``make demo``: the core loop on a tiny SD3-architecture generator, on a CPU, in about a minute.
+"""``make demo``: the whole DiNa-LRM story in the toy world, on a CPU, against ground truth.
 
-Task: prompts "a <colour> square"; the preferred image is a clean render, the rejected one the
-same render with a quality defect (pixel noise, blur or a colour cast). DiNa-LRM (LoRA on the first blocks + head,
-noise-calibrated Thurstone loss) learns it on the generator's own VAE latents; it is then saved
-in the release layout, loaded back through ``Scorer.from_pretrained`` and evaluated on held-out
-layouts at several noise levels and as a multi-level ensemble.
+1. load the shipped toy generator (or pretrain one with ``from_scratch``);
+2. sample and judge, write preference shards (train pairs from a noisy rater, held-out test pairs
+   on unseen colour-shape combinations labelled by the noise-free judge);
+3. train DiNa-LRM (LoRA on the first blocks + head, noise-calibrated Thurstone) and three baselines
+   on the same pairs for the same CPU time: Bradley-Terry loss, constant-variance Thurstone loss,
+   and a pixel-space reward that must VAE-decode;
+4. evaluate held-out pairwise accuracy per noise level u and for a multi-level ensemble, with the
+   DiNa-LRM checkpoint saved in the release layout and reloaded through ``Scorer.from_pretrained``;
+5. write ``report.md`` with the table and plots.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from diffusers import StableDiffusion3Pipeline
-from PIL import Image
-from tqdm import tqdm
 
 from dina_lrm.config import DiNaConfig
+from dina_lrm.data.shards import PairTable, load_preference_shards, write_preference_shards
+from dina_lrm.eval.pairwise import pairwise_accuracy
 from dina_lrm.models.reward_model import DiNaLRM
-from dina_lrm.noise import NoiseSampler
-from dina_lrm.scorer import Scorer
-from dina_lrm.toyworld.tiny_sd3 import build_tiny_sd3_pipeline, calibrate_vae_normalisation
-from dina_lrm.train.step import PreferenceBatch, preference_step
+from dina_lrm.models.sd3_text import SD3PromptEncoder
+from dina_lrm.noise import NoiseSampler, SigmaTable
+from dina_lrm.scorer import Scorer, load_pipeline
+from dina_lrm.toyworld.generator import T5_TOKENS
+from dina_lrm.toyworld.judge import Judge
+from dina_lrm.toyworld.pixel_reward import PixelReward, decode_for_reward, pixel_preference_step
+from dina_lrm.toyworld.preferences import (
+    PreferenceDataConfig,
+    candidate_pairs,
+    corruption_candidates,
+    generated_candidates,
+    label_pairs,
+)
+from dina_lrm.toyworld.pretrain import PretrainConfig, pretrain, reconstruction_psnr
+from dina_lrm.toyworld.report import write_report
+from dina_lrm.toyworld.scenes import render, sample_prompts, scene_for
+from dina_lrm.train.pairs import FitConfig, PairBatches, fit_pairs
+from dina_lrm.train.step import preference_step
 
-COLOURS = {
-    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220),
-    "yellow": (230, 210, 40), "purple": (150, 50, 190), "orange": (240, 140, 30),
-}
-EVAL_LEVELS = (0.1, 0.4, 0.7)
+SHIPPED_GENERATOR = Path(__file__).parent / "pretrained"
+U_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+DINA_LOSSES = {"DiNa-LRM (Thurstone)": "thurstone", "Bradley-Terry": "bt", "constant-variance Thurstone": "thurstone_const"}
+PIXEL_METHOD = "pixel reward (decodes)"
 DEMO_MODEL = {
     "num_transformer_layers": 3,
     "visual_head_idx": [1, 2, 3],
@@ -44,148 +59,221 @@ DEMO_MODEL = {
 }
 
 
-def render(colour: str, rng: np.random.Generator, size: int = 64) -> np.ndarray:
-    image = np.full((size, size, 3), 128, dtype=np.uint8)
-    side = int(rng.integers(size // 4, size // 2))
-    top, left = rng.integers(0, size - side, size=2)
-    image[top : top + side, left : left + side] = COLOURS[colour]
-    return image
+@dataclass
+class DemoConfig:
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    budget_s: float = 100.0  # training CPU seconds per method
+    max_steps: int = 100_000
+    batch_size: int = 32
+    learning_rate: float = 5e-4
+    monitor_u: float = 0.4  # the noise level of the held-out accuracy tracked during training
+    monitor_pairs: int = 256
+    eval_every_s: float = 20.0
+    ensemble_levels: tuple[float, ...] = (0.2, 0.4, 0.6)
+    seed: int = 0
 
 
-def add_defect(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    pixels = image.astype(np.float32)
-    kind = rng.integers(3)
-    if kind == 0:
-        pixels += rng.normal(0, 40, pixels.shape)
-    elif kind == 1:
-        padded = np.pad(pixels, ((3, 3), (3, 3), (0, 0)), mode="edge")
-        pixels = sum(padded[i : i + image.shape[0], j : j + image.shape[1]] for i in range(7) for j in range(7)) / 49
-    else:
-        pixels[..., rng.integers(3)] += 70
-    return np.clip(pixels, 0, 255).astype(np.uint8)
+@contextmanager
+def timed(timings: dict, name: str):
+    print(f"== {name}", flush=True)
+    started = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - started, 1)
 
 
-def make_pairs(count: int, seed: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(prompt, preferred clean render, rejected render with a defect)."""
+def build_preference_data(pipe, prompt_encoder, config: PreferenceDataConfig, out: Path) -> dict:
+    """Write train/test shards under ``out``; returns statistics and the held-out samples."""
+    judge, stats = Judge(), {}
+    for split, seed_offset in (("train", 0), ("test", 1)):
+        specs = sample_prompts(config.train_prompts if split == "train" else config.test_prompts, split, config.seed + seed_offset)
+        generated = generated_candidates(pipe, prompt_encoder, judge, specs, config, seed=config.seed + seed_offset)
+        corrupted = corruption_candidates(pipe.vae, judge, specs, config, seed=config.seed + seed_offset)
+        pairs = candidate_pairs(generated + corrupted, config.min_judge_gap)
+        flip_rate = config.flip_rate if split == "train" else 0.0
+        records, flipped = label_pairs(pairs, flip_rate, np.random.default_rng(config.seed + seed_offset), split)
+        write_preference_shards(out / split, records, metadata={"split": split, "flip_rate": flip_rate, "world": "toy"})
+        stats[split] = {
+            "prompts": len(specs),
+            "pairs": len(records),
+            "pairs_from_generations": sum(r.source == "generated" for r in records),
+            "label_flip_rate": round(flipped, 3),
+            "generator_judge_score": float(np.mean([c.score for c in generated])),
+            "generator_clause_rate": float(np.mean([c.alignment for c in generated])),
+            "generator_quality": float(np.mean([c.quality for c in generated])),
+            "renders_judge_score": float(np.mean([c.score for c in corrupted if c.source == "render"])),
+        }
+        if split == "test":
+            stats["samples"] = generated
+            stats["world"] = world_checks(pipe.vae, specs, config.seed)
+    return stats
+
+
+def world_checks(vae, specs, seed: int) -> dict:
+    """The judge on clean renders (fraction of clauses it gets right) and the VAE's PSNR on them."""
     rng = np.random.default_rng(seed)
-    pairs = []
-    for _ in range(count):
-        colour = str(rng.choice(list(COLOURS)))
-        clean = render(colour, rng)
-        pairs.append((f"a {colour} square", clean, add_defect(clean, rng)))
-    return pairs
+    images = np.stack([render(scene_for(spec, rng)) for spec in specs])
+    judged = Judge().batch(images, specs)
+    return {
+        "judge_clause_accuracy_on_renders": sum(sum(r.clauses.values()) for r in judged) / sum(len(r.clauses) for r in judged),
+        "vae_psnr_db": reconstruction_psnr(vae, images),
+    }
 
 
-def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+def dina_config(loss: str) -> DiNaConfig:
+    return DiNaConfig.from_dict({"model": {**DEMO_MODEL, "model_type": loss}})
 
 
-def accuracy(scorer: Scorer, pairs, **kwargs) -> float:
-    prompts = [p for p, _, _ in pairs]
-    chosen = scorer.score(prompts, images=to_tensor([c for _, c, _ in pairs]), seed=0, **kwargs).raw
-    rejected = scorer.score(prompts, images=to_tensor([r for _, _, r in pairs]), seed=0, **kwargs).raw
-    return ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean().item()
+def dina_accuracy(scorer: Scorer, pairs: PairTable, seed: int, **levels) -> float:
+    chosen = scorer.score(pairs.prompts, latents=pairs.chosen, seed=seed, **levels).raw
+    rejected = scorer.score(pairs.prompts, latents=pairs.rejected, seed=seed + 1, **levels).raw
+    return pairwise_accuracy(chosen, rejected)
 
 
-def evaluate(scorer: Scorer, pairs) -> dict[str, float]:
-    results = {f"u={u}": accuracy(scorer, pairs, u=u) for u in EVAL_LEVELS}
-    results["ensemble " + "+".join(map(str, EVAL_LEVELS))] = accuracy(scorer, pairs, noise_levels=list(EVAL_LEVELS))
-    return results
+@torch.no_grad()
+def pixel_scores(model: PixelReward, vae, prompt_encoder, prompts: list[str], latents: torch.Tensor, batch: int = 128):
+    scores = []
+    for start in range(0, len(latents), batch):
+        states, pooled = prompt_encoder(prompts[start : start + batch])
+        scores.append(model(decode_for_reward(vae, latents[start : start + batch]), states, pooled))
+    return torch.cat(scores)
 
 
-def train(model: DiNaLRM, scorer: Scorer, pairs, steps: int, seed: int) -> list[dict]:
-    prompts = [p for p, _, _ in pairs]
-    with torch.no_grad():
-        chosen = torch.cat(scorer.encode_images(to_tensor([c for _, c, _ in pairs])))
-        rejected = torch.cat(scorer.encode_images(to_tensor([r for _, _, r in pairs])))
-        states, pooled = scorer.prompt_encoder(prompts)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
-    # the defects are small against high noise, so targets lean to low noise (median u ~ 0.27)
-    table, sampler = scorer.sigma_table, NoiseSampler("logit_normal", logit_mean=-1.0)
-    generator = torch.Generator().manual_seed(seed)
-    history = []
+def pixel_accuracy(model: PixelReward, vae, prompt_encoder, pairs: PairTable) -> float:
+    chosen = pixel_scores(model, vae, prompt_encoder, pairs.prompts, pairs.chosen)
+    return pairwise_accuracy(chosen, pixel_scores(model, vae, prompt_encoder, pairs.prompts, pairs.rejected))
+
+
+def subset(pairs: PairTable, index) -> PairTable:
+    index = list(index)
+    return PairTable(
+        [pairs.prompts[i] for i in index], pairs.chosen[index], pairs.rejected[index], pairs.confidence[index],
+        [pairs.sources[i] for i in index], [pairs.group_ids[i] for i in index],
+    )
+
+
+def fit_config(config: DemoConfig) -> FitConfig:
+    return FitConfig(batch_size=config.batch_size, learning_rate=config.learning_rate, max_steps=config.max_steps,
+                     time_budget_s=config.budget_s, eval_every_s=config.eval_every_s, seed=config.seed)
+
+
+def train_dina(pipe, prompt_encoder, loss: str, batches: PairBatches, monitor: PairTable, config: DemoConfig, name: str):
+    model = DiNaLRM(dina_config(loss), copy.deepcopy(pipe.transformer))
+    scorer = Scorer(model, prompt_encoder, SigmaTable.from_scheduler(pipe.scheduler))
+    training = model.config.training
+    sampler = NoiseSampler.from_release(training.t_weighting_scheme, training.t_weighting_scheme_param)
+
+    def step(batch, generator):
+        return preference_step(model, batch, scorer.sigma_table, sampler, generator=generator)
+
+    def evaluate() -> dict:
+        model.eval()
+        accuracy = dina_accuracy(scorer, monitor, config.seed, u=config.monitor_u)
+        model.train()
+        return {"heldout_accuracy": accuracy}
+
     model.train()
-    for step in (bar := tqdm(range(steps), desc="train DiNa-LRM", unit="step")):
-        index = torch.randint(0, len(pairs), (16,), generator=generator)
-        batch = PreferenceBatch(chosen[index], rejected[index], states[index], pooled[index])
-        out = preference_step(model, batch, table, sampler, generator=generator)
-        optimizer.zero_grad()
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        history.append({"step": step, "loss": out.loss.item(), "accuracy": out.accuracy})
-        bar.set_postfix(loss=f"{out.loss.item():.3f}", acc=f"{out.accuracy:.2f}")
-    model.eval()
-    return history
+    history = fit_pairs(step, model.parameters(), batches, fit_config(config), evaluate, desc=name)
+    return model.eval(), history
 
 
-def plot_history(history: list[dict], path: Path) -> None:
-    steps = [h["step"] for h in history]
-    window = min(20, len(history))
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, key in zip(axes, ("loss", "accuracy")):
-        values = np.array([h[key] for h in history])
-        smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-        ax.plot(steps, values, alpha=0.3, label="per step")
-        ax.plot(steps[window - 1 :], smooth, label=f"mean of {window}")
-        ax.set_xlabel("step")
-        ax.set_title(f"training {key}")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def train_pixel(pipe, prompt_encoder, batches: PairBatches, monitor: PairTable, config: DemoConfig):
+    torch.manual_seed(config.seed)
+    text_width, pooled_width = batches.states.shape[-1], batches.pooled.shape[-1]
+    model = PixelReward(text_width, pooled_width)
+
+    def evaluate() -> dict:
+        accuracy = pixel_accuracy(model.eval(), pipe.vae, prompt_encoder, monitor)
+        model.train()
+        return {"heldout_accuracy": accuracy}
+
+    history = fit_pairs(
+        lambda batch, generator: pixel_preference_step(model, pipe.vae, batch, generator),
+        model.parameters(), batches, fit_config(config), evaluate, desc=PIXEL_METHOD,
+    )
+    return model.eval(), history
 
 
-def write_report(out: Path, before: dict, after: dict, timings: dict, examples: list[dict]) -> str:
-    lines = ["# dina-lrm demo: quality preference on a tiny SD3-architecture generator", ""]
-    lines += ["Held-out pairwise accuracy (preferred image scored above rejected; ties count half).", ""]
-    lines += ["| setting | untrained | trained |", "|---|---|---|"]
-    lines += [f"| {k} | {before[k]:.3f} | {after[k]:.3f} |" for k in after]
-    lines += ["", "![training curve](training_curve.png)", "", "Scores of the saved example images (u = 0.1):", ""]
-    lines += ["| image | prompt | raw | normalized |", "|---|---|---|---|"]
-    lines += [f"| {e['image']} | {e['prompt']} | {e['raw']:.3f} | {e['normalized']:.3f} |" for e in examples]
-    lines += ["", "Wall time per step (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()), ""]
-    report = "\n".join(lines)
-    (out / "report.md").write_text(report)
-    return report
+def load_generator(out: Path, generator_dir: Path | None, from_scratch: bool, seed: int):
+    if from_scratch:
+        generator_dir = out / "generator"
+        pretrain(generator_dir, PretrainConfig(seed=seed))
+    generator_dir = Path(generator_dir or SHIPPED_GENERATOR)
+    return load_pipeline(generator_dir), generator_dir
 
 
-def run_demo(out: Path, steps: int = 500, seed: int = 0, num_train: int = 256, num_eval: int = 128) -> dict:
+def parameter_count(module: torch.nn.Module, trainable: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
+
+
+def run_demo(
+    out: str | Path, config: DemoConfig | None = None, generator_dir: str | Path | None = None, from_scratch: bool = False
+) -> dict:
+    config = config or DemoConfig()
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    timings, start = {}, time.perf_counter()
-    train_pairs, eval_pairs = make_pairs(num_train, seed), make_pairs(num_eval, seed + 1)
-    generator = build_tiny_sd3_pipeline(seed=seed)
-    calibrate_vae_normalisation(generator.vae, to_tensor([c for _, c, _ in train_pairs]))
-    generator_dir = out / "generator"
-    generator.save_pretrained(str(generator_dir))
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(generator_dir))
-    model = DiNaLRM(DiNaConfig.from_dict({"model": DEMO_MODEL}), pipe.transformer)
-    scorer = Scorer.from_model(model, pipe)
-    before = evaluate(scorer, eval_pairs)
-    timings["setup"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    history = train(scorer.model, scorer, train_pairs, steps, seed)
-    reward_dir = scorer.model.save_pretrained(out / "reward")
-    timings["train"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    reloaded = Scorer.from_pretrained(reward_dir, StableDiffusion3Pipeline.from_pretrained(str(generator_dir)))
-    after = evaluate(reloaded, eval_pairs)
-    examples = []
-    for name, (prompt, chosen, rejected) in zip(("a", "b"), eval_pairs[:2]):
-        for tag, image in (("preferred", chosen), ("rejected", rejected)):
-            path = out / f"example_{name}_{tag}.png"
-            Image.fromarray(image).save(path)
-            score = reloaded.score(prompt, images=[path], u=0.1, seed=0).rows()[0]
-            examples.append({"image": path.name, "prompt": prompt, **score})
-    timings["evaluate"] = time.perf_counter() - start
-
-    plot_history(history, out / "training_curve.png")
-    report = write_report(out, before, after, timings, examples)
-    summary = {"before": before, "after": after, "timings_s": timings, "final_loss": history[-1]["loss"]}
+    torch.manual_seed(config.seed)
+    timings: dict[str, float] = {}
+    with timed(timings, "load generator"):
+        pipe, generator_dir = load_generator(out, generator_dir, from_scratch, config.seed)
+        prompt_encoder = SD3PromptEncoder.from_pipeline(pipe, max_sequence_length=T5_TOKENS)
+    with timed(timings, "sample, judge, write shards"):
+        data = build_preference_data(pipe, prompt_encoder, config.data, out / "shards")
+        train_pairs, test_pairs = load_preference_shards(out / "shards" / "train"), load_preference_shards(out / "shards" / "test")
+    monitor = subset(test_pairs, range(min(config.monitor_pairs, len(test_pairs))))
+    models, histories = {}, {}
+    for name, loss in DINA_LOSSES.items():
+        with timed(timings, f"train {name}"):
+            batches = PairBatches(train_pairs, prompt_encoder, config.batch_size, config.seed)
+            models[name], histories[name] = train_dina(pipe, prompt_encoder, loss, batches, monitor, config, name)
+    with timed(timings, f"train {PIXEL_METHOD}"):
+        batches = PairBatches(train_pairs, prompt_encoder, config.batch_size, config.seed)
+        pixel_model, histories[PIXEL_METHOD] = train_pixel(pipe, prompt_encoder, batches, monitor, config)
+    with timed(timings, "evaluate"):
+        reward_dir = models["DiNa-LRM (Thurstone)"].save_pretrained(out / "reward_model")
+        reloaded = Scorer.from_pretrained(reward_dir, generator_dir, max_sequence_length=T5_TOKENS)
+        results = evaluate_methods(models, reloaded, pixel_model, pipe, prompt_encoder, test_pairs, config)
+    summary = {
+        "config": asdict(config),
+        "generator": str(generator_dir),
+        "data": {k: v for k, v in data.items() if k != "samples"},
+        "accuracy": results,
+        "parameters": {
+            "DiNa-LRM total": parameter_count(models["DiNa-LRM (Thurstone)"]),
+            "DiNa-LRM trainable": parameter_count(models["DiNa-LRM (Thurstone)"], trainable=True),
+            "pixel reward": parameter_count(pixel_model),
+        },
+        "histories": histories,
+        "timings_s": timings,
+    }
+    with timed(timings, "report"):
+        report = write_report(out, summary, data["samples"], reloaded)
+    summary["timings_s"] = timings
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(report)
-    print(f"Wrote {out / 'report.md'}; score your own images with:\n  dina-lrm score --reward {reward_dir} "
-          f"--model {generator_dir} --prompt 'a red square' {out / 'example_a_preferred.png'}")
+    print(f"Wrote {out / 'report.md'}. Score latents or images with the saved reward model:\n"
+          f"  dina-lrm score --reward {reward_dir} --model {generator_dir} --max-sequence-length {T5_TOKENS} --prompt 'two red circles' IMAGE.png --u 0.4")
     return summary
+
+
+def evaluate_methods(models, reloaded: Scorer, pixel_model, pipe, prompt_encoder, test_pairs: PairTable, config: DemoConfig) -> dict:
+    """Held-out accuracy: per u and ensemble for each DiNa-LRM loss, once for the pixel reward, and
+    by pair source for the main model (at its best u) and the pixel reward."""
+    sigma_table = reloaded.sigma_table
+    results: dict = {}
+    for name, model in models.items():
+        scorer = reloaded if name == "DiNa-LRM (Thurstone)" else Scorer(model, prompt_encoder, sigma_table)
+        per_u = {f"{u:.1f}": dina_accuracy(scorer, test_pairs, config.seed, u=u) for u in U_GRID}
+        ensemble = dina_accuracy(scorer, test_pairs, config.seed, noise_levels=list(config.ensemble_levels))
+        results[name] = {"per_u": per_u, "ensemble": ensemble, "best_u": max(per_u, key=per_u.get)}
+    results[PIXEL_METHOD] = {"accuracy": pixel_accuracy(pixel_model, pipe.vae, prompt_encoder, test_pairs)}
+    main = results["DiNa-LRM (Thurstone)"]
+    by_source = {}
+    for source in sorted(set(test_pairs.sources)):
+        part = subset(test_pairs, [i for i, s in enumerate(test_pairs.sources) if s == source])
+        by_source[source] = {
+            "pairs": len(part),
+            "DiNa-LRM": dina_accuracy(reloaded, part, config.seed, u=float(main["best_u"])),
+            "pixel": pixel_accuracy(pixel_model, pipe.vae, prompt_encoder, part),
+        }
+    results["by_source"] = by_source
+    return results

@@ -1,0 +1,272 @@
+"""Readers for public preference datasets and a generic format, into :class:`PreferenceGroup`.
+
+Every reader splits its dataset into deterministic *work units* (a parquet row group, or a slice of
+rows), so that ``dina-lrm prepare`` can spread units over processes and skip finished ones after a
+crash. Layouts (see ``docs/data.md``):
+
+- ``pickapic``: Pick-a-Pic v2 parquet: ``caption``, ``jpg_0`` / ``jpg_1`` (image bytes),
+  ``label_0`` / ``label_1`` (1 preferred, 0.5 tie), ``has_label``, ``are_different``,
+  ``image_0_uid`` / ``image_1_uid``, ``ranking_id``.
+- ``hpdv3``: HPDv3 JSON list of ``{prompt, path1, path2, model1, model2, choice_dist, confidence}``;
+  ``path1`` is always the preferred image.
+- ``imagereward``: ImageReward JSON list of ``{id, prompt, generations: [paths], ranking: [ranks]}``,
+  lower rank preferred, equal ranks tied.
+- ``generic``: JSONL or CSV rows of ``prompt, chosen, rejected`` (optional ``confidence``) or
+  ``prompt, images, ranks`` (lists; in CSV as JSON lists or ``;``-separated).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import glob
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from dina_lrm.data.records import PreferenceGroup, ReadReport
+
+DEFAULT_GROUPS_PER_UNIT = 512
+
+
+class InvalidRow(ValueError):
+    """A row that cannot become a preference group; its message is the reason counted in the report."""
+
+
+@dataclass
+class WorkUnit:
+    """A deterministic slice of a dataset; ``read()`` returns its groups and what it saw."""
+
+    index: int
+    name: str
+    read: Callable[[], tuple[list[PreferenceGroup], ReadReport]]
+
+
+def _convert(rows, to_group: Callable[[dict, int], PreferenceGroup], start: int) -> tuple[list[PreferenceGroup], ReadReport]:
+    report, groups = ReadReport(), []
+    for offset, row in enumerate(rows):
+        report.rows += 1
+        try:
+            if not isinstance(row, dict):
+                raise InvalidRow("row is not an object")
+            group = to_group(row, start + offset)
+        except InvalidRow as err:
+            report.reject(str(err))
+            continue
+        report.add(group)
+        groups.append(group)
+    return groups, report
+
+
+def _required(row: dict, *names: str):
+    values = []
+    for name in names:
+        value = row.get(name)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise InvalidRow(f"missing {name}")
+        values.append(value)
+    return values
+
+
+def _resolve(root: Path, path: str) -> Path:
+    path = Path(path)
+    return path if path.is_absolute() else root / path
+
+
+# Pick-a-Pic v2 -------------------------------------------------------------------------------
+
+PICKAPIC_COLUMNS = ["caption", "jpg_0", "jpg_1", "label_0", "label_1", "has_label", "are_different",
+                    "image_0_uid", "image_1_uid", "ranking_id"]
+
+
+def pickapic_group(row: dict, index: int) -> PreferenceGroup:
+    caption, jpg_0, jpg_1 = _required(row, "caption", "jpg_0", "jpg_1")
+    if row.get("has_label") is False or row.get("has_label") == 0:
+        raise InvalidRow("unlabelled pair (has_label=0)")
+    if row.get("are_different") is False or row.get("are_different") == 0:
+        raise InvalidRow("identical images (are_different=0)")
+    label_0, label_1 = _required(row, "label_0", "label_1")
+    if {float(label_0), float(label_1)} not in ({0.0, 1.0}, {0.5}):
+        raise InvalidRow("labels not (1, 0), (0, 1) or (0.5, 0.5)")
+    ids = [str(row.get(f"image_{i}_uid") or f"{index}/{i}") for i in (0, 1)]
+    return PreferenceGroup(
+        group_id=str(row.get("ranking_id") or index),
+        prompt=caption,
+        images=[jpg_0, jpg_1],
+        ranks=[1.0 - float(label_0), 1.0 - float(label_1)],
+        image_ids=ids,
+        source="pickapic",
+    )
+
+
+def _parquet_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(path.glob("*.parquet"))
+    else:
+        files = sorted(Path(p) for p in glob.glob(str(path))) if any(c in str(path) for c in "*?[") else [path]
+    files = [f for f in files if f.is_file()]
+    if not files:
+        raise FileNotFoundError(f"no parquet files at {path}")
+    return files
+
+
+def pickapic_units(path: Path, images_root: Path | None = None, groups_per_unit: int = 0) -> list[WorkUnit]:
+    """One unit per parquet row group, so a unit never needs more than one row group in memory."""
+    units = []
+    for file in _parquet_files(path):
+        metadata = pq.ParquetFile(file).metadata
+        missing = [c for c in ("caption", "jpg_0", "jpg_1", "label_0", "label_1") if c not in metadata.schema.names]
+        if missing:
+            raise ValueError(f"{file} is not Pick-a-Pic v2 parquet: columns {missing} are missing")
+        start = 0
+        for group in range(metadata.num_row_groups):
+            rows = metadata.row_group(group).num_rows
+
+            def read(file=file, group=group, start=start):
+                parquet = pq.ParquetFile(file)
+                columns = [c for c in PICKAPIC_COLUMNS if c in parquet.schema_arrow.names]
+                table = parquet.read_row_group(group, columns=columns)
+                return _convert(table.to_pylist(), pickapic_group, start)
+
+            units.append(WorkUnit(len(units), f"{file.name}:rg{group}", read))
+            start += rows
+    return units
+
+
+# JSON / JSONL / CSV formats -----------------------------------------------------------------
+
+
+def hpdv3_group(row: dict, index: int, root: Path) -> PreferenceGroup:
+    prompt, path1, path2 = _required(row, "prompt", "path1", "path2")
+    confidence = row.get("confidence")
+    return PreferenceGroup(
+        group_id=str(index),
+        prompt=prompt,
+        images=[_resolve(root, path1), _resolve(root, path2)],
+        ranks=[0.0, 1.0],
+        confidence=float(confidence) if confidence is not None else None,
+        image_ids=[path1, path2],
+        source=f"hpdv3:{row.get('model1', '')}-vs-{row.get('model2', '')}",
+    )
+
+
+def imagereward_group(row: dict, index: int, root: Path) -> PreferenceGroup:
+    prompt, generations, ranking = _required(row, "prompt", "generations", "ranking")
+    return _ranked_group(str(row.get("id", index)), prompt, generations, ranking, root, "imagereward")
+
+
+def _ranked_group(group_id: str, prompt: str, images, ranks, root: Path, source: str) -> PreferenceGroup:
+    images, ranks = _as_list(images), _as_list(ranks)
+    if len(images) != len(ranks):
+        raise InvalidRow("images and ranks differ in length")
+    if len(images) < 2:
+        raise InvalidRow("fewer than two images")
+    try:
+        ranks = [float(r) for r in ranks]
+    except (TypeError, ValueError):
+        raise InvalidRow("non-numeric rank") from None
+    if not all(math.isfinite(r) for r in ranks):
+        raise InvalidRow("non-numeric rank")
+    return PreferenceGroup(group_id, prompt, [_resolve(root, str(i)) for i in images], ranks,
+                           image_ids=[str(i) for i in images], source=source)
+
+
+def _as_list(value) -> list:
+    if isinstance(value, list):
+        return value
+    text = str(value).strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise InvalidRow("unparseable list") from None
+    return [v.strip() for v in text.split(";") if v.strip()]
+
+
+def generic_group(row: dict, index: int, root: Path) -> PreferenceGroup:
+    group_id = str(row.get("group_id") or row.get("id") or index)
+    if row.get("chosen") is not None or row.get("rejected") is not None:
+        prompt, chosen, rejected = _required(row, "prompt", "chosen", "rejected")
+        confidence = row.get("confidence")
+        try:
+            confidence = float(confidence) if confidence not in (None, "") else None
+        except ValueError:
+            raise InvalidRow("non-numeric confidence") from None
+        if confidence is not None and not 0.0 <= confidence <= 1.0:
+            raise InvalidRow("confidence outside [0, 1]")
+        return PreferenceGroup(group_id, prompt, [_resolve(root, chosen), _resolve(root, rejected)], [0.0, 1.0],
+                               confidence=confidence, image_ids=[str(chosen), str(rejected)], source="generic")
+    prompt, images, ranks = _required(row, "prompt", "images", "ranks")
+    return _ranked_group(group_id, prompt, images, ranks, root, "generic")
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    if path.suffix == ".csv":
+        with path.open(newline="") as handle:
+            return list(csv.DictReader(handle))
+    if path.suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}, line {number}: not JSON ({err})") from err
+        return rows
+    try:
+        rows = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(rows, list):
+        raise ValueError(f"{path} must hold a JSON list of rows")
+    return rows
+
+
+def _row_units(to_group: Callable[[dict, int, Path], PreferenceGroup]):
+    def units(path: Path, images_root: Path | None = None, groups_per_unit: int = DEFAULT_GROUPS_PER_UNIT) -> list[WorkUnit]:
+        rows = _read_rows(path)
+        convert = functools.partial(to_group, root=Path(images_root) if images_root is not None else path.parent)
+        return [
+            WorkUnit(n, f"{path.name}:{start}", lambda start=start: _convert(rows[start : start + groups_per_unit], convert, start))
+            for n, start in enumerate(range(0, len(rows), groups_per_unit))
+        ]
+
+    return units
+
+
+FORMATS: dict[str, Callable[..., list[WorkUnit]]] = {
+    "pickapic": pickapic_units,
+    "hpdv3": _row_units(hpdv3_group),
+    "imagereward": _row_units(imagereward_group),
+    "generic": _row_units(generic_group),
+}
+
+
+def dataset_units(
+    fmt: str, path: str | Path, images_root: str | Path | None = None, groups_per_unit: int = DEFAULT_GROUPS_PER_UNIT
+) -> list[WorkUnit]:
+    """The work units of a dataset in format ``fmt`` (one of ``FORMATS``)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown dataset format {fmt!r}; choose one of {sorted(FORMATS)}")
+    if groups_per_unit < 1:
+        raise ValueError(f"groups_per_unit must be >= 1, got {groups_per_unit}")
+    units = FORMATS[fmt](Path(path), Path(images_root) if images_root else None, groups_per_unit)
+    if not units:
+        raise ValueError(f"dataset {path} holds no rows")
+    return units
+
+
+def read_dataset(fmt: str, path: str | Path, images_root: str | Path | None = None) -> tuple[list[PreferenceGroup], ReadReport]:
+    """All groups of a dataset at once (for small datasets and evaluation sets)."""
+    groups, report = [], ReadReport()
+    for unit in dataset_units(fmt, path, images_root):
+        unit_groups, unit_report = unit.read()
+        groups += unit_groups
+        report.merge(unit_report)
+    return groups, report

@@ -1,0 +1,49 @@
+"""Pairwise preference accuracy: a pair is right when the preferred item scores higher; a tie in
+model score counts half."""
+
+from __future__ import annotations
+
+import torch
+
+from dina_lrm.noise import SigmaTable, add_noise
+
+
+def pair_wins(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """Per pair: 1 when the preferred item scores higher, 0.5 on a tie, 0 otherwise."""
+    if chosen_scores.shape != rejected_scores.shape or chosen_scores.numel() == 0:
+        raise ValueError(f"need two equal, non-empty score vectors, got {tuple(chosen_scores.shape)} and {tuple(rejected_scores.shape)}")
+    if not (torch.isfinite(chosen_scores).all() and torch.isfinite(rejected_scores).all()):
+        raise FloatingPointError("scores contain NaN or inf")
+    return (chosen_scores > rejected_scores).float() + 0.5 * (chosen_scores == rejected_scores).float()
+
+
+def pairwise_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> float:
+    return pair_wins(chosen_scores, rejected_scores).mean().item()
+
+
+@torch.no_grad()
+def score_noised(model, latents, states, pooled, sigma_table: SigmaTable, u: float, generator: torch.Generator) -> torch.Tensor:
+    """Raw scores (B,) of clean latents noised to level ``u``, one independent draw per latent."""
+    sigma, timestep = sigma_table.snap(torch.full((latents.shape[0],), float(u)))
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+    noisy = add_noise(latents, sigma.to(latents.device), noise) if model.config.training.add_noise else latents
+    return model(noisy, states, pooled, timestep.to(latents.device))[:, 0].float()
+
+
+@torch.no_grad()
+def pair_win_counts(model, batches, encode_prompts, sigma_table: SigmaTable, u_values: list[float], seed: int) -> torch.Tensor:
+    """(len(u_values), 2): summed wins and pair counts per u over ``batches`` of pair dicts (as
+    ``collate_pairs`` makes them). ``encode_prompts(batch) -> (states, pooled)`` on the model's device."""
+    totals = torch.zeros(len(u_values), 2, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    for batch in batches:
+        states, pooled = encode_prompts(batch)
+        chosen = batch["chosen"].to(model.device, model.dtype)
+        rejected = batch["rejected"].to(model.device, model.dtype)
+        for row, u in enumerate(u_values):
+            wins = pair_wins(
+                score_noised(model, chosen, states, pooled, sigma_table, u, generator),
+                score_noised(model, rejected, states, pooled, sigma_table, u, generator),
+            )
+            totals[row] += torch.tensor([wins.sum().item(), wins.numel()], dtype=torch.float64)
+    return totals

@@ -1,0 +1,155 @@
+"""The toy world's text-to-image generator: a ``StableDiffusion3Pipeline`` at a CPU-sized config.
+
+Same classes as SD3.5-M: ``AutoencoderKL`` (4x downsampling here), ``SD3Transformer2DModel`` with
+dual-attention blocks, two ``CLIPTextModelWithProjection`` encoders (no T5: SD3 then feeds zeros in
+T5's place) and ``FlowMatchEulerDiscreteScheduler``. The tokenizer is word-level over the
+template vocabulary, built with ``tokenizers``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast
+
+from dina_lrm.toyworld.scenes import COLOURS, COUNT_WORDS, SHAPES, SIZES
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
+T5_TOKENS = 4  # zero tokens in T5's slot (SD3 without T5): the prompt encoder's max_sequence_length
+
+
+@dataclass
+class ToyGeneratorConfig:
+    image_size: int = 64
+    latent_channels: int = 4
+    vae_channels: tuple[int, ...] = (32, 64, 64)  # 3 levels: 4x downsampling
+    num_layers: int = 4
+    dual_attention_layers: tuple[int, ...] = (0, 1, 2)
+    attention_head_dim: int = 32
+    num_attention_heads: int = 4
+    clip_width: int = 64  # each CLIP; their states are concatenated (2 * clip_width = joint width)
+    clip_layers: int = 2
+    max_prompt_tokens: int = 16
+    shift: float = 1.0
+
+    @property
+    def hidden_size(self) -> int:
+        return self.attention_head_dim * self.num_attention_heads
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // 2 ** (len(self.vae_channels) - 1)
+
+
+def vocabulary() -> list[str]:
+    words = set(COUNT_WORDS.values()) | set(SIZES) | set(COLOURS) | {"to", "the", "left", "right", "of", "above", "below"}
+    words |= set(SHAPES) | {shape + "s" for shape in SHAPES}
+    return SPECIAL_TOKENS + sorted(words)
+
+
+def build_tokenizer(max_length: int = 16) -> PreTrainedTokenizerFast:
+    """Word-level: one id per template word, ``<bos> words <eos>``, padded with ``<pad>``."""
+    vocab = {word: i for i, word in enumerate(vocabulary())}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        model_max_length=max_length,
+    )
+
+
+def _clip(config: ToyGeneratorConfig, tokenizer: PreTrainedTokenizerFast) -> CLIPTextModelWithProjection:
+    return CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=config.clip_width,
+            intermediate_size=4 * config.clip_width,
+            num_hidden_layers=config.clip_layers,
+            num_attention_heads=4,
+            projection_dim=config.clip_width,
+            max_position_embeddings=config.max_prompt_tokens,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def build_toy_pipeline(config: ToyGeneratorConfig | None = None, seed: int = 0) -> StableDiffusion3Pipeline:
+    """The untrained toy generator (deterministic for a seed)."""
+    config = config or ToyGeneratorConfig()
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(config.max_prompt_tokens)
+    levels = len(config.vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * levels,
+        up_block_types=["UpDecoderBlock2D"] * levels,
+        block_out_channels=config.vae_channels,
+        layers_per_block=1,
+        latent_channels=config.latent_channels,
+        norm_num_groups=8,
+        mid_block_add_attention=False,
+        sample_size=config.image_size,
+    )
+    transformer = SD3Transformer2DModel(
+        sample_size=config.latent_size,
+        patch_size=2,
+        in_channels=config.latent_channels,
+        out_channels=config.latent_channels,
+        num_layers=config.num_layers,
+        attention_head_dim=config.attention_head_dim,
+        num_attention_heads=config.num_attention_heads,
+        joint_attention_dim=2 * config.clip_width,
+        caption_projection_dim=config.hidden_size,
+        pooled_projection_dim=2 * config.clip_width,
+        qk_norm="rms_norm",
+        dual_attention_layers=config.dual_attention_layers,
+        pos_embed_max_size=config.latent_size // 2,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=config.shift),
+        vae=vae,
+        text_encoder=_clip(config, tokenizer),
+        tokenizer=tokenizer,
+        text_encoder_2=_clip(config, tokenizer),
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+def images_to_tensor(images: list[np.ndarray] | np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1], the VAE's input range."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def tensor_to_images(pixels: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Normalised latents ((mode - shift) * scale) of (N, 3, H, W) pixels in [-1, 1]."""
+    chunks = [vae.encode(pixels[i : i + batch_size]).latent_dist.mode() for i in range(0, len(pixels), batch_size)]
+    return (torch.cat(chunks) - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    """Normalised latents -> (N, H, W, 3) uint8 images."""
+    images = []
+    for start in range(0, len(latents), batch_size):
+        chunk = latents[start : start + batch_size] / vae.config.scaling_factor + vae.config.shift_factor
+        images.append(tensor_to_images(vae.decode(chunk).sample))
+    return np.concatenate(images)

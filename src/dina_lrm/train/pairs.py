@@ -1,0 +1,106 @@
+"""Fit any pairwise reward model on an in-memory ``PairTable``, for a step count or a CPU-time budget.
+
+The model is reached only through ``step_fn(batch, generator) -> StepOutput``, so DiNa-LRM
+(``preference_step``) and baselines (a pixel-space reward) train under the same loop, batches,
+optimizer and budget. Evaluation time is excluded from the budget.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from dina_lrm.data.shards import PairTable
+from dina_lrm.models.sd3_text import SD3PromptEncoder
+from dina_lrm.train.step import PreferenceBatch, StepOutput
+
+StepFn = Callable[[PreferenceBatch, torch.Generator], StepOutput]
+
+
+@dataclass
+class FitConfig:
+    batch_size: int = 32
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.0
+    max_steps: int = 100_000
+    time_budget_s: float | None = None  # stop after this many seconds of training (evaluation excluded)
+    eval_every_s: float = 20.0
+    grad_clip: float = 1.0
+    log_every: int = 10
+    seed: int = 0
+
+
+class PairBatches:
+    """Shuffled batches of a ``PairTable``, with the prompts' text embeddings computed once."""
+
+    def __init__(self, pairs: PairTable, prompt_encoder: SD3PromptEncoder, batch_size: int, seed: int):
+        if len(pairs) == 0:
+            raise ValueError("no preference pairs to train on")
+        self.pairs = pairs
+        self.states, self.pooled = prompt_encoder(pairs.prompts)
+        self.batch_size = min(batch_size, len(pairs))
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        while True:
+            order = torch.randperm(len(self.pairs), generator=self.generator)
+            for start in range(0, len(order) - self.batch_size + 1, self.batch_size):
+                index = order[start : start + self.batch_size]
+                yield PreferenceBatch(
+                    chosen=self.pairs.chosen[index],
+                    rejected=self.pairs.rejected[index],
+                    encoder_hidden_states=self.states[index],
+                    pooled_projections=self.pooled[index],
+                    target=self.pairs.confidence[index],
+                )
+
+
+def fit_pairs(
+    step_fn: StepFn,
+    parameters: Iterable[torch.nn.Parameter],
+    batches: PairBatches,
+    config: FitConfig,
+    evaluate: Callable[[], dict] | None = None,
+    desc: str = "train",
+) -> list[dict]:
+    """Train until ``max_steps`` or ``time_budget_s``; returns the history (one row per log/eval point)."""
+    parameters = [p for p in parameters if p.requires_grad]
+    if not parameters:
+        raise ValueError("the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    history, window = [], []
+    trained_s, next_eval_s = 0.0, 0.0
+    budget = config.time_budget_s
+    bar = tqdm(total=round(budget, 1) if budget else config.max_steps, desc=desc, unit="s" if budget else "step")
+    for step, batch in enumerate(batches, start=1):
+        if evaluate is not None and trained_s >= next_eval_s:
+            history.append({"step": step - 1, "seconds": trained_s, **evaluate()})
+            next_eval_s += config.eval_every_s
+        started = time.perf_counter()
+        out = step_fn(batch, generator)
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(f"{desc}: loss became {out.loss.item()} at step {step}")
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - started
+        trained_s += elapsed
+        window.append((out.loss.item(), out.accuracy))
+        if step % config.log_every == 0:
+            loss, accuracy = (sum(v) / len(window) for v in zip(*window))
+            history.append({"step": step, "seconds": trained_s, "loss": loss, "train_accuracy": accuracy})
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.2f}")
+            window.clear()
+        bar.update(round(elapsed, 3) if budget else 1)
+        if step >= config.max_steps or (budget and trained_s >= budget):
+            break
+    bar.close()
+    if evaluate is not None:
+        history.append({"step": step, "seconds": trained_s, **evaluate()})
+    return history

@@ -1,0 +1,82 @@
+import pytest
+import torch
+from conftest import tiny_config
+
+from dina_lrm import DiNaLRM
+from dina_lrm.data.shards import PairTable
+from dina_lrm.eval.pairwise import pairwise_accuracy
+from dina_lrm.models.sd3_text import SD3PromptEncoder
+from dina_lrm.noise import NoiseSampler, SigmaTable
+from dina_lrm.scorer import Scorer
+from dina_lrm.toyworld.pixel_reward import PixelReward, pixel_preference_step
+from dina_lrm.train.pairs import FitConfig, PairBatches, fit_pairs
+from dina_lrm.train.step import preference_step
+
+
+def brightness_pairs(count: int, seed: int) -> PairTable:
+    """The preferred latent is the other one plus a constant: a rule any working learner picks up."""
+    generator = torch.Generator().manual_seed(seed)
+    rejected = torch.randn(count, 4, 8, 8, generator=generator)
+    prompts = [["a red circle", "two blue squares"][i % 2] for i in range(count)]
+    return PairTable(prompts, rejected + 1.5, rejected, torch.ones(count), ["generated"] * count, prompts)
+
+
+def test_pairwise_accuracy_counts_ties_half():
+    assert pairwise_accuracy(torch.tensor([2.0, 1.0, 0.0, 5.0]), torch.tensor([1.0, 1.0, 3.0, 0.0])) == pytest.approx(0.625)
+    with pytest.raises(FloatingPointError):
+        pairwise_accuracy(torch.tensor([float("nan")]), torch.tensor([0.0]))
+    with pytest.raises(ValueError):
+        pairwise_accuracy(torch.tensor([]), torch.tensor([]))
+
+
+def test_fit_pairs_learns_a_preference_rule(pipe):
+    torch.manual_seed(0)
+    encoder = SD3PromptEncoder.from_pipeline(pipe)
+    model = DiNaLRM(tiny_config(), pipe.transformer)
+    table, sampler = SigmaTable.from_scheduler(pipe.scheduler), NoiseSampler("uniform")
+    held_out = brightness_pairs(64, seed=1)
+    scorer = Scorer(model, encoder, table)
+
+    def evaluate():
+        model.eval()
+        chosen = scorer.score(held_out.prompts, latents=held_out.chosen, u=0.3, seed=0).raw
+        accuracy = pairwise_accuracy(chosen, scorer.score(held_out.prompts, latents=held_out.rejected, u=0.3, seed=1).raw)
+        model.train()
+        return {"heldout_accuracy": accuracy}
+
+    batches = PairBatches(brightness_pairs(128, seed=0), encoder, batch_size=16, seed=0)
+    history = fit_pairs(lambda b, g: preference_step(model, b, table, sampler, generator=g), model.parameters(), batches,
+                        FitConfig(learning_rate=2e-3, max_steps=40, eval_every_s=1e9), evaluate=evaluate)
+    evals = [h for h in history if "heldout_accuracy" in h]
+    assert [h["step"] for h in evals] == [0, 40]  # before training and at the end
+    assert evals[0]["heldout_accuracy"] < 0.7 and evals[-1]["heldout_accuracy"] >= 0.9
+    assert [h["step"] for h in history if "loss" in h] == [10, 20, 30, 40]
+
+
+def test_fit_pairs_stops_on_its_time_budget_and_refuses_bad_setups(pipe):
+    encoder = SD3PromptEncoder.from_pipeline(pipe)
+    model = DiNaLRM(tiny_config(), pipe.transformer)
+    table, sampler = SigmaTable.from_scheduler(pipe.scheduler), NoiseSampler("uniform")
+    batches = PairBatches(brightness_pairs(32, seed=0), encoder, batch_size=8, seed=0)
+    step = lambda b, g: preference_step(model, b, table, sampler, generator=g)
+    history = fit_pairs(step, model.parameters(), batches, FitConfig(time_budget_s=0.05, log_every=1))
+    assert 0.05 <= history[-1]["seconds"] < 5
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        fit_pairs(step, [torch.nn.Parameter(torch.zeros(1), requires_grad=False)], batches, FitConfig(max_steps=1))
+    next(model.reward_head.parameters()).data.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="not finite"):
+        fit_pairs(step, model.parameters(), batches, FitConfig(max_steps=2))
+    with pytest.raises(ValueError, match="no preference pairs"):
+        PairBatches(brightness_pairs(0, seed=0), encoder, batch_size=8, seed=0)
+
+
+def test_pixel_reward_decodes_and_trains_only_itself(pipe):
+    encoder = SD3PromptEncoder.from_pipeline(pipe)
+    batches = PairBatches(brightness_pairs(8, seed=0), encoder, batch_size=4, seed=0)
+    batch = next(iter(batches))
+    model = PixelReward(text_width=batch.encoder_hidden_states.shape[-1], pooled_width=batch.pooled_projections.shape[-1])
+    out = pixel_preference_step(model, pipe.vae, batch)
+    assert out.chosen_scores.shape == (4,) and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in pipe.vae.parameters())
