@@ -79,3 +79,12 @@ def test_unknown_loss_and_unsupported_logistic_are_rejected(tmp_path):
         DiNaConfig.from_dict({"model": {"use_logistic": True}})
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_shipped_configs_load_with_the_release_defaults():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
+        config = load_config(path)
+        assert config.model == DiNaConfig().model, path
+        assert config.training.learning_rate == DiNaConfig().training.learning_rate

@@ -79,7 +79,7 @@ def test_training_learns_evaluates_and_saves_a_loadable_ema_model(tmp_path, pipe
     assert [r["step"] for r in evals] == [12, 24] and evals[-1]["eval/held_out/accuracy_u0.2"] >= 0.9
     assert all(r["train/pairs_per_s"] > 0 and r["train/peak_memory_gb"] > 0 and 0 < r["train/lr"] <= 2e-3 for r in rows if "train/lr" in r)
     assert sorted(p.name for p in (config.paths.run_dir / "checkpoints").iterdir()) == ["step-0000012", "step-0000024"]
-    assert list(config.paths.run_dir.rglob("events.out.tfevents.*"))
+    assert list(config.paths.run_dir.rglob("events.out.tfevents.*")) and (config.paths.run_dir / "training_curves.png").is_file()
 
     loaded = DiNaLRM.from_pretrained(final, load_pipeline(pipeline_dir).transformer)
     with trainer.ema_weights():
@@ -152,6 +152,19 @@ def test_bad_training_inputs_fail_with_clear_errors(tmp_path, pipeline_dir):
     raw["model"]["backbone_model_id"] = str(tmp_path / "no-such-generator")
     with pytest.raises(OSError, match="cannot load the generator pipeline"):
         Trainer(DiNaConfig.from_dict(raw))
+
+
+def test_bf16_keeps_frozen_weights_in_bf16_and_trains_float32_ones(tmp_path, pipeline_dir):
+    train_dir = separable_pairs(tmp_path / "train", 16, embeds=True)
+    trainer = Trainer(DiNaConfig.from_dict(raw_config(tmp_path, pipeline_dir, train_dir, training={"max_steps": 3, "mixed_precision": "bf16"})))
+    trainer.train()
+    params = dict(trainer.unwrapped.named_parameters())
+    assert {p.dtype for p in params.values() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in params.values() if not p.requires_grad} == {torch.bfloat16}
+    losses = [r["train/loss"] for r in metrics(trainer.run_dir)]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    with pytest.raises(ConfigError, match="mixed_precision must be one of"):
+        DiNaConfig.from_dict({"training": {"mixed_precision": "fp8"}})
 
 
 def test_two_processes_follow_one_process_with_the_doubled_batch(tmp_path, pipeline_dir):

@@ -103,9 +103,9 @@ def run_demo(args) -> int:
     from dina_lrm.toyworld.demo import run_demo as demo
     from dina_lrm.toyworld.preferences import PreferenceDataConfig
 
-    data = PreferenceDataConfig(train_prompts=args.train_prompts, test_prompts=args.test_prompts, flip_rate=args.flip_rate,
-                                seed=args.seed)
-    config = DemoConfig(data=data, budget_s=args.budget_seconds, seed=args.seed)
+    data = {k: getattr(args, k) for k in ("train_prompts", "test_prompts", "flip_rate") if getattr(args, k) is not None}
+    demo_options = {"budget_s": args.budget_seconds} if args.budget_seconds is not None else {}
+    config = DemoConfig(data=PreferenceDataConfig(seed=args.seed, **data), seed=args.seed, **demo_options)
     demo(Path(args.out), config, generator_dir=args.generator, from_scratch=args.from_scratch)
     return 0
 
@@ -162,12 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the toy world end to end: data, DiNa-LRM vs. baselines, report")
     demo.add_argument("--out", default="demo_out")
-    demo.add_argument("--budget-seconds", type=float, default=100.0, help="training CPU seconds per method")
+    demo.add_argument("--budget-seconds", type=float, help="training CPU seconds per method (default: DemoConfig's)")
     demo.add_argument("--generator", help="toy generator directory (default: the shipped one)")
-    demo.add_argument("--from-scratch", action="store_true", help="pretrain the toy generator first (~30 min)")
-    demo.add_argument("--train-prompts", type=int, default=300)
-    demo.add_argument("--test-prompts", type=int, default=100)
-    demo.add_argument("--flip-rate", type=float, default=0.2, help="share of training labels the noisy rater flips")
+    demo.add_argument("--from-scratch", action="store_true", help="pretrain the toy generator first (~65 min on 2 cores)")
+    demo.add_argument("--train-prompts", type=int, help="(default: PreferenceDataConfig's)")
+    demo.add_argument("--test-prompts", type=int, help="(default: PreferenceDataConfig's)")
+    demo.add_argument("--flip-rate", type=float, help="share of training labels the noisy rater flips (default 0.2)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=run_demo)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import json
 import typing
 from dataclasses import dataclass, field
@@ -198,6 +199,8 @@ class LoggingConfig:
     def validate(self) -> None:
         if self.report_to not in ("tensorboard", "wandb", "none"):
             raise ConfigError(f"logging.report_to must be tensorboard, wandb or none, got {self.report_to!r}")
+        if self.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("logging.report_to=wandb needs the wandb package: pip install wandb")
         for name in ("eval_frac", "save_frac", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"logging.{name} must be >= 1, got {getattr(self, name)}")

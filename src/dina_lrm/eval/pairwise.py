@@ -3,6 +3,7 @@ model score counts half."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from dina_lrm.noise import SigmaTable, add_noise
@@ -19,6 +20,22 @@ def pair_wins(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> tor
 
 def pairwise_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> float:
     return pair_wins(chosen_scores, rejected_scores).mean().item()
+
+
+def bootstrap_interval(wins, groups: list, resamples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of the accuracy ``mean(wins)``, resampling whole groups (prompts) with
+    replacement, since pairs of one prompt are not independent."""
+    wins = np.asarray(wins, dtype=np.float64)
+    if len(wins) != len(groups) or len(wins) == 0:
+        raise ValueError(f"need one group per pair, got {len(wins)} wins and {len(groups)} groups")
+    _, group_index = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    group_wins = np.bincount(group_index, weights=wins)
+    group_pairs = np.bincount(group_index).astype(np.float64)
+    draws = np.random.default_rng(seed).integers(0, len(group_wins), size=(resamples, len(group_wins)))
+    accuracies = group_wins[draws].sum(axis=1) / group_pairs[draws].sum(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(accuracies, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ import torch
 
 from dina_lrm.config import DiNaConfig
 from dina_lrm.data.shards import PairTable, load_preference_shards, write_preference_shards
-from dina_lrm.eval.pairwise import pairwise_accuracy
+from dina_lrm.eval.pairwise import bootstrap_interval, pair_wins
 from dina_lrm.models.reward_model import DiNaLRM
 from dina_lrm.models.sd3_text import SD3PromptEncoder
 from dina_lrm.noise import NoiseSampler, SigmaTable
@@ -62,13 +62,13 @@ DEMO_MODEL = {
 @dataclass
 class DemoConfig:
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
-    budget_s: float = 100.0  # training CPU seconds per method
+    budget_s: float = 80.0  # training CPU seconds per method
     max_steps: int = 100_000
     batch_size: int = 32
     learning_rate: float = 5e-4
     monitor_u: float = 0.4  # the noise level of the held-out accuracy tracked during training
-    monitor_pairs: int = 256
-    eval_every_s: float = 20.0
+    monitor_pairs: int = 128
+    eval_every_s: float = 30.0
     ensemble_levels: tuple[float, ...] = (0.2, 0.4, 0.6)
     seed: int = 0
 
@@ -123,10 +123,14 @@ def dina_config(loss: str) -> DiNaConfig:
     return DiNaConfig.from_dict({"model": {**DEMO_MODEL, "model_type": loss}})
 
 
-def dina_accuracy(scorer: Scorer, pairs: PairTable, seed: int, **levels) -> float:
+def dina_wins(scorer: Scorer, pairs: PairTable, seed: int, **levels) -> torch.Tensor:
     chosen = scorer.score(pairs.prompts, latents=pairs.chosen, seed=seed, **levels).raw
     rejected = scorer.score(pairs.prompts, latents=pairs.rejected, seed=seed + 1, **levels).raw
-    return pairwise_accuracy(chosen, rejected)
+    return pair_wins(chosen, rejected)
+
+
+def dina_accuracy(scorer: Scorer, pairs: PairTable, seed: int, **levels) -> float:
+    return dina_wins(scorer, pairs, seed, **levels).mean().item()
 
 
 @torch.no_grad()
@@ -138,9 +142,13 @@ def pixel_scores(model: PixelReward, vae, prompt_encoder, prompts: list[str], la
     return torch.cat(scores)
 
 
-def pixel_accuracy(model: PixelReward, vae, prompt_encoder, pairs: PairTable) -> float:
+def pixel_wins(model: PixelReward, vae, prompt_encoder, pairs: PairTable) -> torch.Tensor:
     chosen = pixel_scores(model, vae, prompt_encoder, pairs.prompts, pairs.chosen)
-    return pairwise_accuracy(chosen, pixel_scores(model, vae, prompt_encoder, pairs.prompts, pairs.rejected))
+    return pair_wins(chosen, pixel_scores(model, vae, prompt_encoder, pairs.prompts, pairs.rejected))
+
+
+def pixel_accuracy(model: PixelReward, vae, prompt_encoder, pairs: PairTable) -> float:
+    return pixel_wins(model, vae, prompt_encoder, pairs).mean().item()
 
 
 def subset(pairs: PairTable, index) -> PairTable:
@@ -260,12 +268,20 @@ def evaluate_methods(models, reloaded: Scorer, pixel_model, pipe, prompt_encoder
     by pair source for the main model (at its best u) and the pixel reward."""
     sigma_table = reloaded.sigma_table
     results: dict = {}
+    groups = test_pairs.group_ids
+
+    def summarise(wins: torch.Tensor) -> tuple[float, list[float]]:
+        return wins.mean().item(), list(bootstrap_interval(wins.numpy(), groups, seed=config.seed))
+
     for name, model in models.items():
         scorer = reloaded if name == "DiNa-LRM (Thurstone)" else Scorer(model, prompt_encoder, sigma_table)
-        per_u = {f"{u:.1f}": dina_accuracy(scorer, test_pairs, config.seed, u=u) for u in U_GRID}
-        ensemble = dina_accuracy(scorer, test_pairs, config.seed, noise_levels=list(config.ensemble_levels))
-        results[name] = {"per_u": per_u, "ensemble": ensemble, "best_u": max(per_u, key=per_u.get)}
-    results[PIXEL_METHOD] = {"accuracy": pixel_accuracy(pixel_model, pipe.vae, prompt_encoder, test_pairs)}
+        per_u = {f"{u:.1f}": summarise(dina_wins(scorer, test_pairs, config.seed, u=u)) for u in U_GRID}
+        ensemble, ensemble_ci = summarise(dina_wins(scorer, test_pairs, config.seed, noise_levels=list(config.ensemble_levels)))
+        best_u = max(per_u, key=lambda u: per_u[u][0])
+        results[name] = {"per_u": {u: a for u, (a, _) in per_u.items()}, "best_u": best_u, "best_ci": per_u[best_u][1],
+                         "ensemble": ensemble, "ensemble_ci": ensemble_ci}
+    pixel, pixel_ci = summarise(pixel_wins(pixel_model, pipe.vae, prompt_encoder, test_pairs))
+    results[PIXEL_METHOD] = {"accuracy": pixel, "ci": pixel_ci}
     main = results["DiNa-LRM (Thurstone)"]
     by_source = {}
     for source in sorted(set(test_pairs.sources)):

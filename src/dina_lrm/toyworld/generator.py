@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast
 
 from dina_lrm.toyworld.scenes import COLOURS, COUNT_WORDS, SHAPES, SIZES
+from dina_lrm.toyworld.tiny_sd3 import sd3_transformer, small_vae
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
 T5_TOKENS = 4  # zero tokens in T5's slot (SD3 without T5): the prompt encoder's max_sequence_length
@@ -87,33 +88,14 @@ def build_toy_pipeline(config: ToyGeneratorConfig | None = None, seed: int = 0) 
     config = config or ToyGeneratorConfig()
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(config.max_prompt_tokens)
-    levels = len(config.vae_channels)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * levels,
-        up_block_types=["UpDecoderBlock2D"] * levels,
-        block_out_channels=config.vae_channels,
-        layers_per_block=1,
-        latent_channels=config.latent_channels,
-        norm_num_groups=8,
-        mid_block_add_attention=False,
-        sample_size=config.image_size,
-    )
-    transformer = SD3Transformer2DModel(
-        sample_size=config.latent_size,
-        patch_size=2,
-        in_channels=config.latent_channels,
-        out_channels=config.latent_channels,
+    vae = small_vae(config.vae_channels, config.latent_channels, config.image_size, norm_num_groups=8, mid_block_add_attention=False)
+    transformer = sd3_transformer(
+        config.latent_size, config.latent_channels, config.hidden_size, 2 * config.clip_width, 2 * config.clip_width,
+        pos_embed_max_size=config.latent_size // 2,
         num_layers=config.num_layers,
         attention_head_dim=config.attention_head_dim,
         num_attention_heads=config.num_attention_heads,
-        joint_attention_dim=2 * config.clip_width,
-        caption_projection_dim=config.hidden_size,
-        pooled_projection_dim=2 * config.clip_width,
-        qk_norm="rms_norm",
         dual_attention_layers=config.dual_attention_layers,
-        pos_embed_max_size=config.latent_size // 2,
     )
     return StableDiffusion3Pipeline(
         transformer=transformer,

@@ -29,13 +29,13 @@ from dina_lrm.toyworld.scenes import PromptSpec, render, scene_for
 
 @dataclass
 class PreferenceDataConfig:
-    train_prompts: int = 300
-    test_prompts: int = 100
-    samples_per_prompt: int = 4
-    corruptions_per_prompt: int = 3
+    train_prompts: int = 450
+    test_prompts: int = 60
+    samples_per_prompt: int = 6
+    corruptions_per_prompt: int = 4
     flip_rate: float = 0.2
     min_judge_gap: float = 0.05  # pairs closer than this in judge score are ties, left out
-    sampling_steps: int = 20
+    sampling_steps: int = 12
     guidance_scale: float = 4.0
     batch_size: int = 128
     seed: int = 0

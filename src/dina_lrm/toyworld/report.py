@@ -73,15 +73,20 @@ def plot_samples(samples, scorer: Scorer, path: Path) -> None:
 def results_table(accuracy: dict, pixel_method: str) -> list[str]:
     dina = {k: v for k, v in accuracy.items() if "per_u" in v}
     levels = list(next(iter(dina.values()))["per_u"])
-    lines = ["| method | " + " | ".join(f"u={u}" for u in levels) + " | ensemble | best |",
+    lines = ["| method | " + " | ".join(f"u={u}" for u in levels) + " | ensemble [95% CI] | best single u [95% CI] |",
              "|---|" + "---|" * (len(levels) + 2)]
     for name, result in dina.items():
         cells = [f"{result['per_u'][u]:.3f}" for u in levels]
-        best = max(result["per_u"].values())
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {result['ensemble']:.3f} | {best:.3f} |")
-    pixel = accuracy[pixel_method]["accuracy"]
-    lines.append(f"| {pixel_method} | " + " | ".join("–" for _ in levels) + f" | – | {pixel:.3f} |")
+        best = result["per_u"][result["best_u"]]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {result['ensemble']:.3f} {_interval(result['ensemble_ci'])} | "
+                     f"{best:.3f} {_interval(result['best_ci'])} (u={result['best_u']}) |")
+    pixel = accuracy[pixel_method]
+    lines.append(f"| {pixel_method} | " + " | ".join("–" for _ in levels) + f" | – | {pixel['accuracy']:.3f} {_interval(pixel['ci'])} |")
     return lines
+
+
+def _interval(bounds: list[float]) -> str:
+    return f"[{bounds[0]:.3f}, {bounds[1]:.3f}]"
 
 
 def _budget(config: dict) -> str:
@@ -131,7 +136,8 @@ def write_report(out: Path, summary: dict, samples, scorer: Scorer) -> str:
             f"({main['ensemble'] - best_single:+.3f} vs. the best single u, "
             f"{main['ensemble'] - sum(main['per_u'].values()) / len(main['per_u']):+.3f} vs. the mean over u)."
         ),
-        "Each latent is noised independently (fixed seed); a tie in score counts half.",
+        "Each latent is noised independently (fixed seed); a tie in score counts half. Intervals: 95% percentile "
+        "bootstrap over held-out prompts (1000 resamples).",
         "",
         "By pair source (DiNa-LRM at its best u vs. the pixel reward):",
         "",

@@ -70,6 +70,39 @@ def _clip_encoder(config: TinySD3Config, vocab_size: int) -> CLIPTextModelWithPr
     )
 
 
+def sd3_transformer(latent_size: int, latent_channels: int, hidden_size: int, text_width: int, pooled_width: int,
+                    pos_embed_max_size: int, **kwargs) -> SD3Transformer2DModel:
+    """An ``SD3Transformer2DModel`` with patch size 2 and RMS q/k norm, as SD3.5-M."""
+    return SD3Transformer2DModel(
+        sample_size=latent_size,
+        patch_size=2,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        joint_attention_dim=text_width,
+        caption_projection_dim=hidden_size,
+        pooled_projection_dim=pooled_width,
+        qk_norm="rms_norm",
+        pos_embed_max_size=pos_embed_max_size,
+        **kwargs,
+    )
+
+
+def small_vae(block_out_channels: tuple[int, ...], latent_channels: int, image_size: int, **kwargs) -> AutoencoderKL:
+    """An ``AutoencoderKL`` with one ResNet layer per level; downsampling 2^(levels - 1)."""
+    levels = len(block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * levels,
+        up_block_types=["UpDecoderBlock2D"] * levels,
+        block_out_channels=block_out_channels,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        sample_size=image_size,
+        **kwargs,
+    )
+
+
 def build_tiny_sd3_pipeline(config: TinySD3Config | None = None, seed: int = 0) -> StableDiffusion3Pipeline:
     """A randomly initialised SD3 pipeline of the given tiny size (deterministic for a seed)."""
     config = config or TinySD3Config()
@@ -77,35 +110,18 @@ def build_tiny_sd3_pipeline(config: TinySD3Config | None = None, seed: int = 0) 
         raise ValueError("2 * clip_width must not exceed text_width (CLIP states are padded to the T5 width)")
     torch.manual_seed(seed)
     clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer()
-    transformer = SD3Transformer2DModel(
-        sample_size=config.image_size // 8,
-        patch_size=2,
-        in_channels=config.latent_channels,
-        out_channels=config.latent_channels,
+    transformer = sd3_transformer(
+        config.image_size // 8, config.latent_channels, config.hidden_size, config.text_width, 2 * config.clip_projection,
+        pos_embed_max_size=max(32, config.image_size // 8),
         num_layers=config.num_layers,
         attention_head_dim=config.attention_head_dim,
         num_attention_heads=config.num_attention_heads,
-        joint_attention_dim=config.text_width,
-        caption_projection_dim=config.hidden_size,
-        pooled_projection_dim=2 * config.clip_projection,
-        qk_norm="rms_norm",
         dual_attention_layers=config.dual_attention_layers,
-        pos_embed_max_size=max(32, config.image_size // 8),
         **config.extra,
     )
-    levels = len(config.vae_channels)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * levels,
-        up_block_types=["UpDecoderBlock2D"] * levels,
-        block_out_channels=config.vae_channels,
-        layers_per_block=1,
-        latent_channels=config.latent_channels,
-        norm_num_groups=min(8, config.vae_channels[0]),
-        sample_size=config.image_size,
-        shift_factor=0.0609,
-        scaling_factor=1.5305,
+    vae = small_vae(
+        config.vae_channels, config.latent_channels, config.image_size,
+        norm_num_groups=min(8, config.vae_channels[0]), shift_factor=0.0609, scaling_factor=1.5305,
     )
     t5 = T5EncoderModel(
         T5Config(vocab_size=len(t5_tok), d_model=config.text_width, d_kv=8, d_ff=2 * config.text_width,

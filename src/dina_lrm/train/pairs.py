@@ -72,11 +72,15 @@ def fit_pairs(
     if not parameters:
         raise ValueError("the model has no trainable parameters")
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+
     generator = torch.Generator().manual_seed(config.seed)
     history, window = [], []
     trained_s, next_eval_s = 0.0, 0.0
     budget = config.time_budget_s
-    bar = tqdm(total=round(budget, 1) if budget else config.max_steps, desc=desc, unit="s" if budget else "step")
+    if budget:
+        bar = tqdm(total=round(budget, 1), desc=desc, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} CPU s [{elapsed}<{remaining}{postfix}]")
+    else:
+        bar = tqdm(total=config.max_steps, desc=desc, unit="step")
     for step, batch in enumerate(batches, start=1):
         if evaluate is not None and trained_s >= next_eval_s:
             history.append({"step": step - 1, "seconds": trained_s, **evaluate()})
@@ -97,7 +101,7 @@ def fit_pairs(
             history.append({"step": step, "seconds": trained_s, "loss": loss, "train_accuracy": accuracy})
             bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.2f}")
             window.clear()
-        bar.update(round(elapsed, 3) if budget else 1)
+        bar.update(round(max(0.0, min(elapsed, bar.total - bar.n)), 3) if budget else 1)
         if step >= config.max_steps or (budget and trained_s >= budget):
             break
     bar.close()

@@ -8,6 +8,7 @@ the same state, so N processes with batch B follow one process with batch N*B.
 A checkpoint ``<run_dir>/checkpoints/step-NNNNNNN/`` holds the trainable weights, optimizer, LR
 schedule, EMA, RNG states and data position (``--resume latest`` continues exactly from it), plus
 ``reward_model/``: the EMA weights in the release layout, loadable by ``DiNaLRM.from_pretrained``.
+``metrics.jsonl`` and ``training_curves.png`` in the run directory record the run.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from dina_lrm.distributed import cpu_only
 from dina_lrm.eval.pairwise import pair_win_counts
 from dina_lrm.models.reward_model import DiNaLRM
 from dina_lrm.noise import NoiseSampler, SigmaTable
+from dina_lrm.train.plots import plot_training_curves
 from dina_lrm.train.step import PreferenceBatch, draw_noise, preference_forward
 
 CHECKPOINT_PREFIX = "step-"
@@ -288,6 +290,8 @@ class Trainer:
                 self.state.epoch, self.state.batch_in_epoch = self.state.epoch + 1, 0
         bar.close()
         final = self.save_reward_model(self.run_dir / "reward_model")
+        if self.accelerator.is_main_process:
+            plot_training_curves(self.run_dir / METRICS_NAME, self.run_dir / "training_curves.png")
         self.accelerator.end_training()
         return final
 
