@@ -27,6 +27,7 @@ demo: install
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/score_throughput.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/train_throughput.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
