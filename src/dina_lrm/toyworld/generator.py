@@ -16,6 +16,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast
 
+from dina_lrm.data.images import vae_decode, vae_encode
 from dina_lrm.toyworld.scenes import COLOURS, COUNT_WORDS, SHAPES, SIZES
 from dina_lrm.toyworld.tiny_sd3 import sd3_transformer, small_vae
 
@@ -123,15 +124,11 @@ def tensor_to_images(pixels: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def encode_latents(vae, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Normalised latents ((mode - shift) * scale) of (N, 3, H, W) pixels in [-1, 1]."""
-    chunks = [vae.encode(pixels[i : i + batch_size]).latent_dist.mode() for i in range(0, len(pixels), batch_size)]
-    return (torch.cat(chunks) - vae.config.shift_factor) * vae.config.scaling_factor
+    return torch.cat([vae_encode(vae, (pixels[i : i + batch_size] + 1) / 2) for i in range(0, len(pixels), batch_size)])
 
 
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor, batch_size: int = 256) -> np.ndarray:
     """Normalised latents -> (N, H, W, 3) uint8 images."""
-    images = []
-    for start in range(0, len(latents), batch_size):
-        chunk = latents[start : start + batch_size] / vae.config.scaling_factor + vae.config.shift_factor
-        images.append(tensor_to_images(vae.decode(chunk).sample))
-    return np.concatenate(images)
+    return np.concatenate([tensor_to_images(vae_decode(vae, latents[i : i + batch_size]) * 2 - 1)
+                           for i in range(0, len(latents), batch_size)])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dina_lrm.data.images import vae_decode
 from dina_lrm.losses import preference_loss
 from dina_lrm.train.step import PreferenceBatch, StepOutput
 
@@ -59,7 +60,7 @@ class PixelReward(nn.Module):
 @torch.no_grad()
 def decode_for_reward(vae, latents: torch.Tensor) -> torch.Tensor:
     """Normalised latents -> decoded pixels in [-1, 1]."""
-    return vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor).sample.clamp(-1, 1)
+    return vae_decode(vae, latents) * 2 - 1
 
 
 def pixel_preference_step(model: PixelReward, vae, batch: PreferenceBatch, generator=None) -> StepOutput:
