@@ -1,4 +1,4 @@
-"""Command line: ``dina-lrm score | prepare | train | demo | toyworld pretrain``."""
+"""Command line: ``dina-lrm score | prepare | train | eval | demo | toyworld pretrain | toyworld benchmark``."""
 
 from __future__ import annotations
 
@@ -98,6 +98,46 @@ def run_train(args) -> int:
     return 0
 
 
+EVAL_FLAGS = {
+    "format": "format", "input": "input", "out": "out", "reward": "reward", "model": "model", "images_root": "images_root",
+    "latent_cache": "latent_cache", "u": "u_values", "draws": "draws", "levels": "level_sets", "extra_reward": "extra_rewards",
+    "batch_size": "batch_size", "seed": "seed", "resamples": "bootstrap_resamples", "skip_missing": "skip_missing",
+    "device": "device", "dtype": "dtype", "max_sequence_length": "max_sequence_length", "reference_size": "reference_size",
+}
+
+
+def parse_levels(text: str) -> list[float]:
+    try:
+        return [float(u) for u in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--levels takes comma-separated noise levels like 0.2,0.4,0.6, got {text!r}") from None
+
+
+def run_eval(args) -> int:
+    import yaml
+
+    from dina_lrm.eval.runner import EvalConfig, evaluate
+
+    raw = {}
+    if args.config:
+        if not Path(args.config).is_file():
+            raise FileNotFoundError(f"eval config not found: {args.config}")
+        raw = yaml.safe_load(Path(args.config).read_text()) or {}
+    raw.update({key: getattr(args, flag) for flag, key in EVAL_FLAGS.items() if getattr(args, flag) not in (None, False)})
+    summary = evaluate(EvalConfig.from_dict(raw))
+    if summary is not None:
+        print((Path(raw.get("out", EvalConfig.out)) / "report.md").read_text())
+    return 0
+
+
+def run_toy_benchmark(args) -> int:
+    from dina_lrm.toyworld.benchmark import write_toy_benchmark
+
+    path = write_toy_benchmark(args.out, prompts=args.prompts, images_per_prompt=args.images_per_prompt, seed=args.seed)
+    print(f"Wrote {path} (HPDv2 layout). Evaluate with: dina-lrm eval --format hpdv2 --input {path} --reward REWARD --model GENERATOR")
+    return 0
+
+
 def run_demo(args) -> int:
     from dina_lrm.toyworld.demo import DemoConfig
     from dina_lrm.toyworld.demo import run_demo as demo
@@ -160,6 +200,32 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. training.max_steps=100")
     train.set_defaults(func=run_train)
 
+    evaluate = commands.add_parser("eval", help="pairwise accuracy on a benchmark, with intervals, ensembles, costs and plots "
+                                   "(run under `accelerate launch` for several GPUs)")
+    evaluate.add_argument("--config", help="YAML with EvalConfig keys; flags override it")
+    evaluate.add_argument("--format", help="hpdv2, imagereward, hpdv3, genai_bench, pickapic or generic (see docs/eval.md)")
+    evaluate.add_argument("--input", help="the benchmark's annotation file or parquet directory")
+    evaluate.add_argument("--images-root", help="where relative image paths start (default: the annotation file's folder)")
+    evaluate.add_argument("--out", help="report directory (default eval_out)")
+    evaluate.add_argument("--reward", help="DiNa-LRM reward model directory")
+    evaluate.add_argument("--model", help="the reward model's generator pipeline: local directory or hub id")
+    evaluate.add_argument("--extra-reward", action="append", metavar="MODULE:ATTR",
+                          help="another reward model for the table: a RewardFn (or a factory of one) in a module or .py file")
+    evaluate.add_argument("--latent-cache", help="where encoded latents are kept between runs (default OUT/latents)")
+    evaluate.add_argument("--u", type=float, nargs="+", help="noise levels scored one by one (default 0.1 ... 0.8)")
+    evaluate.add_argument("--draws", type=int, nargs="+", help="noise-draw ensembles at the best u (default 2 4 8)")
+    evaluate.add_argument("--levels", type=parse_levels, nargs="+", metavar="U1,U2,...",
+                          help="multi-level ensembles (default 0.2,0.6 0.2,0.4,0.6 0.2,0.4,0.6,0.8)")
+    evaluate.add_argument("--batch-size", type=int, help="images per scoring call (default 32)")
+    evaluate.add_argument("--seed", type=int, help="noise and bootstrap seed (default 0)")
+    evaluate.add_argument("--resamples", type=int, help="bootstrap resamples (default 1000)")
+    evaluate.add_argument("--skip-missing", action="store_true", help="evaluate without missing or unreadable images")
+    evaluate.add_argument("--device", help="default: this process's accelerator")
+    evaluate.add_argument("--dtype", choices=sorted(DTYPES))
+    evaluate.add_argument("--max-sequence-length", type=int, help="T5 tokens, as the reward model was trained (default 128)")
+    evaluate.add_argument("--reference-size", type=int, help="encode at buckets of about SIZE^2 pixels (default: the generator's)")
+    evaluate.set_defaults(func=run_eval)
+
     demo = commands.add_parser("demo", help="the toy world end to end: data, DiNa-LRM vs. baselines, report")
     demo.add_argument("--out", default="demo_out")
     demo.add_argument("--budget-seconds", type=float, help="training CPU seconds per method (default: DemoConfig's)")
@@ -179,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--generator-steps", type=int, help="generator training steps (default: PretrainConfig's)")
     pretrain.add_argument("--dataset-size", type=int, help="renders the generator trains on (default: PretrainConfig's)")
     pretrain.set_defaults(func=run_pretrain)
+    benchmark = toyworld.add_parser("benchmark", help="write a judge-ranked toy benchmark (HPDv2 layout) for `dina-lrm eval`")
+    benchmark.add_argument("--out", required=True)
+    benchmark.add_argument("--prompts", type=int, default=40)
+    benchmark.add_argument("--images-per-prompt", type=int, default=4)
+    benchmark.add_argument("--seed", type=int, default=0)
+    benchmark.set_defaults(func=run_toy_benchmark)
     return parser
 
 
@@ -186,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, OSError, TypeError, RuntimeError) as err:
+    except (FileNotFoundError, ValueError, OSError, TypeError, RuntimeError, ArithmeticError) as err:
         print(f"dina-lrm {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from dina_lrm.data.buckets import aspect_ratio_buckets, nearest_bucket, resize_to_bucket
 from dina_lrm.data.images import vae_encode
-from dina_lrm.data.readers import DEFAULT_GROUPS_PER_UNIT, InvalidRow, dataset_units
+from dina_lrm.data.readers import DEFAULT_GROUPS_PER_UNIT, InvalidRow, WorkUnit, dataset_units
 from dina_lrm.data.records import ImageSource, PreferenceGroup, ReadReport
 from dina_lrm.data.shards import PairRecord, shard_metadata, write_index, write_shard
 from dina_lrm.distributed import cpu_only
@@ -81,7 +81,9 @@ class LatentEncoder:
             self.prompt_encoder = SD3PromptEncoder.from_pipeline(pipe, max_sequence_length=config.max_sequence_length)
 
     @torch.no_grad()
-    def encode(self, groups: list[PreferenceGroup], report: ReadReport) -> list[PairRecord]:
+    def encode_groups(self, groups: list[PreferenceGroup], report: ReadReport) -> list[tuple[PreferenceGroup, list[np.ndarray]]]:
+        """Each group that has pairs, with one latent per image, all in its aspect-ratio bucket.
+        Groups with an unreadable image are dropped, counted in ``report`` and logged."""
         loaded = []
         for group in groups:
             if not group.pairs():
@@ -95,12 +97,18 @@ class LatentEncoder:
             bucket = nearest_bucket([(i.height, i.width) for i in images], self.buckets)
             loaded.append((group, [resize_to_bucket(i, bucket) for i in images]))
         latents = self._encode_all([image for _, images in loaded for image in images])
-        embeds = self._prompt_embeds([group.prompt for group, _ in loaded])
-        records, offset = [], 0
-        for number, (group, images) in enumerate(loaded):
-            group_latents = latents[offset : offset + len(images)]
+        encoded, offset = [], 0
+        for group, images in loaded:
+            encoded.append((group, latents[offset : offset + len(images)]))
             offset += len(images)
-            records += self._pairs(group, group_latents, embeds[number] if embeds else (None, None))
+        return encoded
+
+    def encode(self, groups: list[PreferenceGroup], report: ReadReport) -> list[PairRecord]:
+        encoded = self.encode_groups(groups, report)
+        embeds = self._prompt_embeds([group.prompt for group, _ in encoded])
+        records = []
+        for number, (group, latents) in enumerate(encoded):
+            records += self._pairs(group, latents, embeds[number] if embeds else (None, None))
         return records
 
     def _encode_all(self, images: list[Image.Image]) -> list[np.ndarray]:
@@ -153,6 +161,19 @@ def _finished(path: Path) -> bool:
         return False
 
 
+def shard_path(out: Path, unit: WorkUnit) -> Path:
+    return out / f"shard-{unit.index:05d}.parquet"
+
+
+def pending_units(units: list[WorkUnit], out: Path, state: PartialState, finished=_finished) -> list[WorkUnit]:
+    """This process's share of ``units`` (unit i goes to rank i % world size) without a finished shard."""
+    mine = [u for u in units if u.index % state.num_processes == state.process_index]
+    todo = [u for u in mine if not finished(shard_path(out, u))]
+    if state.is_main_process:
+        print(f"{len(units)} work units; {len(mine) - len(todo)} of this rank's {len(mine)} already done")
+    return todo
+
+
 def prepare(config: PrepareConfig, pipe=None) -> Path | None:
     """Run (or resume) the job on this process's share of units; the main process writes and
     returns the index path (other ranks return None)."""
@@ -162,20 +183,17 @@ def prepare(config: PrepareConfig, pipe=None) -> Path | None:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     units = dataset_units(config.format, config.input, config.images_root, config.groups_per_shard)
-    mine = [u for u in units if u.index % state.num_processes == state.process_index]
-    todo = [u for u in mine if not _finished(out / f"shard-{u.index:05d}.parquet")]
-    if state.is_main_process:
-        print(f"{len(units)} work units; {len(mine) - len(todo)} of this rank's {len(mine)} already done")
+    todo = pending_units(units, out, state)
     if todo:
         pipe = pipe if pipe is not None else load_pipeline(config.model, DTYPES[config.dtype]).to(state.device)
         encoder = LatentEncoder(pipe, config)
         for unit in tqdm(todo, desc=f"prepare [rank {state.process_index}]", disable=not state.is_local_main_process):
             groups, report = unit.read()
-            write_shard(out / f"shard-{unit.index:05d}.parquet", encoder.encode(groups, report), report)
+            write_shard(shard_path(out, unit), encoder.encode(groups, report), report)
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
-    missing = [u.name for u in units if not (out / f"shard-{u.index:05d}.parquet").is_file()]
+    missing = [u.name for u in units if not shard_path(out, u).is_file()]
     if missing:
         raise RuntimeError(f"{len(missing)} work units have no shard (e.g. {missing[:3]}); rerun to finish them")
     metadata = {k: v for k, v in asdict(config).items() if k != "out"}

@@ -11,6 +11,12 @@ crash. Layouts (see ``docs/data.md``):
   ``path1`` is always the preferred image.
 - ``imagereward``: ImageReward JSON list of ``{id, prompt, generations: [paths], ranking: [ranks]}``,
   lower rank preferred, equal ranks tied.
+- ``hpdv2``: HPDv2 ``test.json`` list of ``{prompt, image_path: [paths], rank: [ranks]}`` (lower rank
+  preferred).
+- ``genai_bench``: GenAI-Bench (GenAI-Arena) ``image_generation`` parquet: ``prompt``,
+  ``left_image`` / ``right_image`` (image structs or bytes), ``vote_type`` (``leftvote``,
+  ``rightvote``, ``tievote``, ``bothbad_vote``; the last two are ties), ``left_model`` /
+  ``right_model``.
 - ``generic``: JSONL or CSV rows of ``prompt, chosen, rejected`` (optional ``confidence``) or
   ``prompt, images, ranks`` (lists; in CSV as JSON lists or ``;``-separated).
 """
@@ -114,27 +120,67 @@ def _parquet_files(path: Path) -> list[Path]:
     return files
 
 
-def pickapic_units(path: Path, images_root: Path | None = None, groups_per_unit: int = 0) -> list[WorkUnit]:
+def _parquet_units(path: Path, to_group, columns: list[str], required: list[str], dataset: str) -> list[WorkUnit]:
     """One unit per parquet row group, so a unit never needs more than one row group in memory."""
     units = []
     for file in _parquet_files(path):
-        metadata = pq.ParquetFile(file).metadata
-        missing = [c for c in ("caption", "jpg_0", "jpg_1", "label_0", "label_1") if c not in metadata.schema.names]
+        parquet = pq.ParquetFile(file)
+        metadata = parquet.metadata
+        missing = [c for c in required if c not in parquet.schema_arrow.names]
         if missing:
-            raise ValueError(f"{file} is not Pick-a-Pic v2 parquet: columns {missing} are missing")
+            raise ValueError(f"{file} is not {dataset} parquet: columns {missing} are missing")
         start = 0
         for group in range(metadata.num_row_groups):
             rows = metadata.row_group(group).num_rows
 
             def read(file=file, group=group, start=start):
                 parquet = pq.ParquetFile(file)
-                columns = [c for c in PICKAPIC_COLUMNS if c in parquet.schema_arrow.names]
-                table = parquet.read_row_group(group, columns=columns)
-                return _convert(table.to_pylist(), pickapic_group, start)
+                table = parquet.read_row_group(group, columns=[c for c in columns if c in parquet.schema_arrow.names])
+                return _convert(table.to_pylist(), to_group, start)
 
             units.append(WorkUnit(len(units), f"{file.name}:rg{group}", read))
             start += rows
     return units
+
+
+def pickapic_units(path: Path, images_root: Path | None = None, groups_per_unit: int = 0) -> list[WorkUnit]:
+    required = ["caption", "jpg_0", "jpg_1", "label_0", "label_1"]
+    return _parquet_units(path, pickapic_group, PICKAPIC_COLUMNS, required, "Pick-a-Pic v2")
+
+
+# GenAI-Bench (GenAI-Arena votes) ------------------------------------------------------------
+
+GENAI_BENCH_COLUMNS = ["prompt", "left_image", "right_image", "vote_type", "left_model", "right_model"]
+GENAI_BENCH_VOTES = {"leftvote": [0.0, 1.0], "rightvote": [1.0, 0.0], "tievote": [0.0, 0.0], "bothbad_vote": [0.0, 0.0]}
+
+
+def _image_bytes(value, name: str) -> bytes:
+    """Encoded image bytes from a raw bytes column or a Hugging Face ``Image`` struct."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if not isinstance(value, bytes) or not value:
+        raise InvalidRow(f"missing {name}")
+    return value
+
+
+def genai_bench_group(row: dict, index: int) -> PreferenceGroup:
+    prompt, vote = _required(row, "prompt", "vote_type")
+    if vote not in GENAI_BENCH_VOTES:
+        raise InvalidRow(f"unknown vote_type (expected one of {sorted(GENAI_BENCH_VOTES)})")
+    left, right = row.get("left_model") or "left", row.get("right_model") or "right"
+    return PreferenceGroup(
+        group_id=str(index),
+        prompt=prompt,
+        images=[_image_bytes(row.get("left_image"), "left_image"), _image_bytes(row.get("right_image"), "right_image")],
+        ranks=list(GENAI_BENCH_VOTES[vote]),
+        image_ids=[f"{index}/left:{left}", f"{index}/right:{right}"],
+        source=f"genai_bench:{left}-vs-{right}",
+    )
+
+
+def genai_bench_units(path: Path, images_root: Path | None = None, groups_per_unit: int = 0) -> list[WorkUnit]:
+    required = ["prompt", "left_image", "right_image", "vote_type"]
+    return _parquet_units(path, genai_bench_group, GENAI_BENCH_COLUMNS, required, "GenAI-Bench image_generation")
 
 
 # JSON / JSONL / CSV formats -----------------------------------------------------------------
@@ -157,6 +203,11 @@ def hpdv3_group(row: dict, index: int, root: Path) -> PreferenceGroup:
 def imagereward_group(row: dict, index: int, root: Path) -> PreferenceGroup:
     prompt, generations, ranking = _required(row, "prompt", "generations", "ranking")
     return _ranked_group(str(row.get("id", index)), prompt, generations, ranking, root, "imagereward")
+
+
+def hpdv2_group(row: dict, index: int, root: Path) -> PreferenceGroup:
+    prompt, paths, ranks = _required(row, "prompt", "image_path", "rank")
+    return _ranked_group(str(index), prompt, paths, ranks, root, "hpdv2")
 
 
 def _ranked_group(group_id: str, prompt: str, images, ranks, root: Path, source: str) -> PreferenceGroup:
@@ -244,6 +295,8 @@ FORMATS: dict[str, Callable[..., list[WorkUnit]]] = {
     "pickapic": pickapic_units,
     "hpdv3": _row_units(hpdv3_group),
     "imagereward": _row_units(imagereward_group),
+    "hpdv2": _row_units(hpdv2_group),
+    "genai_bench": genai_bench_units,
     "generic": _row_units(generic_group),
 }
 

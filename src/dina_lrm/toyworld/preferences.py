@@ -115,7 +115,7 @@ def corruption_candidates(vae, judge, specs: list[PromptSpec], config: Preferenc
         images.append(render(scene))
         sources.append("render")
         for _ in range(config.corruptions_per_prompt):
-            image, source = _corrupted(spec, scene, rng)
+            image, source = corrupted_render(spec, scene, rng)
             prompts.append(spec.text)
             images.append(image)
             sources.append(source)
@@ -124,7 +124,7 @@ def corruption_candidates(vae, judge, specs: list[PromptSpec], config: Preferenc
     return judge_candidates(judge, prompts, latents, round_trip, sources)
 
 
-def _corrupted(spec: PromptSpec, scene, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+def corrupted_render(spec: PromptSpec, scene, rng: np.random.Generator) -> tuple[np.ndarray, str]:
     while True:
         kind = str(rng.choice(SEMANTIC + DEFECTS))
         if kind in DEFECTS:
