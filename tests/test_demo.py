@@ -22,7 +22,7 @@ def test_shipped_generator_is_small_and_loads():
 
 def test_tiny_end_to_end_demo(tmp_path):
     data = PreferenceDataConfig(train_prompts=6, test_prompts=4, samples_per_prompt=3, sampling_steps=3, batch_size=16)
-    config = DemoConfig(data=data, budget_s=None, max_steps=2, eval_every_s=1e9, monitor_pairs=8)
+    config = DemoConfig(data=data, budget_s=None, max_steps=2, eval_every_s=1e9, monitor_pairs=8, benchmark_prompts=3)
     summary = run_demo(tmp_path, config)
     accuracy = summary["accuracy"]
     for name in DINA_LOSSES:
@@ -31,9 +31,11 @@ def test_tiny_end_to_end_demo(tmp_path):
     assert 0 <= accuracy[PIXEL_METHOD]["accuracy"] <= 1
     assert summary["data"]["train"]["pairs"] > 0 and summary["data"]["test"]["label_flip_rate"] == 0
     for name in ("report.md", "accuracy_vs_u.png", "training_curves.png", "samples.png", "summary.json",
-                 "shards/train/index.json", "shards/test/index.json"):
+                 "shards/train/index.json", "shards/test/index.json", "benchmark/test.json", "eval/report.md"):
         assert (tmp_path / name).is_file(), name
     assert "| DiNa-LRM (Thurstone) |" in (tmp_path / "report.md").read_text()
+    assert "[eval/report.md](eval/report.md)" in (tmp_path / "report.md").read_text()
+    assert 0 <= summary["benchmark_eval"]["settings"]["DiNa-LRM u=0.4"]["accuracy"] <= 1
     assert all(h[-1]["step"] == 2 for h in summary["histories"].values())
     scorer = Scorer.from_pretrained(tmp_path / "reward_model", SHIPPED_GENERATOR, max_sequence_length=T5_TOKENS)
     latents = torch.zeros(1, 4, 16, 16)

@@ -165,3 +165,28 @@ def test_two_processes_gather_the_same_scores_as_one(benchmark, reward_dir, pipe
     assert {k: v["accuracy"] for k, v in first.items()} == {k: v["accuracy"] for k, v in second.items()}
     assert {v["processes"] for v in second.values()} == {2}
     assert len(list((tmp_path / "two" / "latents").glob("shard-*.parquet"))) == 1
+
+
+def test_cli_reads_yaml_flags_override_and_extra_rewards_join_the_table(benchmark, tmp_path, capsys):
+    from dina_lrm.cli import main
+
+    rewards = tmp_path / "my_rewards.py"
+    rewards.write_text(
+        "from dina_lrm.eval.reward_fn import ImageRewardFn\n"
+        "import numpy as np\n"
+        "def brightness():\n"
+        "    return ImageRewardFn('brightness', lambda prompts, images: [float(np.asarray(i).mean()) for i in images])\n"
+    )
+    yaml_config = tmp_path / "eval.yaml"
+    yaml_config.write_text(f"format: hpdv2\ninput: {benchmark}\nout: {tmp_path / 'ignored'}\nbootstrap_resamples: 50\n")
+    out = tmp_path / "cli"
+    code = main(["eval", "--config", str(yaml_config), "--out", str(out), "--extra-reward", f"{rewards}:brightness"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["settings"]) == ["brightness"] and summary["config"]["bootstrap_resamples"] == 50
+    assert "| brightness |" in capsys.readouterr().out
+    assert not (tmp_path / "ignored").exists()
+    yaml_config.write_text("formatt: hpdv2\n")
+    assert main(["eval", "--config", str(yaml_config)]) == 2
+    assert "did you mean 'format'" in capsys.readouterr().err
+    assert main(["eval", "--format", "hpdv2", "--input", str(benchmark), "--extra-reward", "no_such_module_here:x"]) != 0

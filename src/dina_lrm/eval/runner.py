@@ -150,7 +150,10 @@ def load_extra_reward(spec: str) -> RewardFn:
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
     else:
-        module = importlib.import_module(target)
+        try:
+            module = importlib.import_module(target)
+        except ImportError as err:
+            raise ValueError(f"--extra-reward {spec!r}: cannot import {target} ({err})") from err
     if not hasattr(module, attr):
         raise ValueError(f"--extra-reward {spec!r}: {target} has no attribute {attr!r}")
     reward = getattr(module, attr)

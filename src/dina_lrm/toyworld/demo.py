@@ -26,10 +26,12 @@ import torch
 from dina_lrm.config import DiNaConfig
 from dina_lrm.data.shards import PairTable, load_preference_shards, write_preference_shards
 from dina_lrm.eval.pairwise import bootstrap_interval, pair_wins
+from dina_lrm.eval.runner import EvalConfig, evaluate
 from dina_lrm.models.reward_model import DiNaLRM
 from dina_lrm.models.sd3_text import SD3PromptEncoder
 from dina_lrm.noise import NoiseSampler, SigmaTable
 from dina_lrm.scorer import Scorer, load_pipeline
+from dina_lrm.toyworld.benchmark import write_toy_benchmark
 from dina_lrm.toyworld.generator import T5_TOKENS
 from dina_lrm.toyworld.judge import Judge
 from dina_lrm.toyworld.pixel_reward import PixelReward, decode_for_reward, pixel_preference_step
@@ -70,6 +72,7 @@ class DemoConfig:
     monitor_pairs: int = 128
     eval_every_s: float = 30.0
     ensemble_levels: tuple[float, ...] = (0.2, 0.4, 0.6)
+    benchmark_prompts: int = 100  # the judge-ranked benchmark `dina-lrm eval` runs on at the end
     seed: int = 0
 
 
@@ -240,11 +243,18 @@ def run_demo(
         reward_dir = models["DiNa-LRM (Thurstone)"].save_pretrained(out / "reward_model")
         reloaded = Scorer.from_pretrained(reward_dir, generator_dir, max_sequence_length=T5_TOKENS)
         results = evaluate_methods(models, reloaded, pixel_model, pipe, prompt_encoder, test_pairs, config)
+    with timed(timings, "benchmark eval"):
+        benchmark = write_toy_benchmark(out / "benchmark", prompts=config.benchmark_prompts, seed=config.seed)
+        eval_config = EvalConfig(format="hpdv2", input=str(benchmark), out=str(out / "eval"), reward=str(reward_dir),
+                                 model=str(generator_dir), max_sequence_length=T5_TOKENS, seed=config.seed)
+        benchmark_eval = evaluate(eval_config, pipe=pipe)
     summary = {
         "config": asdict(config),
         "generator": str(generator_dir),
         "data": {k: v for k, v in data.items() if k != "samples"},
         "accuracy": results,
+        "benchmark_eval": {"best_u": benchmark_eval["best_u"], "pairs": benchmark_eval["benchmark"]["pairs"],
+                           "settings": {k: {"accuracy": v["accuracy"], "ci": v["ci"]} for k, v in benchmark_eval["settings"].items()}},
         "parameters": {
             "DiNa-LRM total": parameter_count(models["DiNa-LRM (Thurstone)"]),
             "DiNa-LRM trainable": parameter_count(models["DiNa-LRM (Thurstone)"], trainable=True),

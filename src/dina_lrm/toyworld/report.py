@@ -95,6 +95,18 @@ def _budget(config: dict) -> str:
     return f"{config['budget_s']:.0f} CPU s"
 
 
+def benchmark_section(result: dict) -> list[str]:
+    best = result["settings"][f"DiNa-LRM u={result['best_u']:g}"]
+    best_ensemble_name, best_ensemble = max(result["settings"].items(), key=lambda item: item[1]["accuracy"])
+    return [
+        f"`dina-lrm eval` on a judge-ranked toy benchmark (clean renders and corruptions, read from PNG files; "
+        f"{result['pairs']} compared pairs): best single u = {result['best_u']:g}, accuracy {best['accuracy']:.3f} "
+        f"{_interval(best['ci'])}; best setting {best_ensemble_name}: {best_ensemble['accuracy']:.3f} {_interval(best_ensemble['ci'])}. "
+        "Full table, costs, test-time scaling and calibration: [eval/report.md](eval/report.md).",
+        "",
+    ]
+
+
 def write_report(out: Path, summary: dict, samples, scorer: Scorer) -> str:
     accuracy, data, config = summary["accuracy"], summary["data"], summary["config"]
     pixel_method = next(k for k, v in accuracy.items() if "accuracy" in v)
@@ -145,6 +157,7 @@ def write_report(out: Path, summary: dict, samples, scorer: Scorer) -> str:
         "|---|---|---|---|",
         *[f"| {s} | {v['pairs']} | {v['DiNa-LRM']:.3f} | {v['pixel']:.3f} |" for s, v in accuracy["by_source"].items()],
         "",
+        *benchmark_section(summary["benchmark_eval"]),
         "Parameters: " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in summary["parameters"].items()) + ".",
         "",
         "![accuracy vs u](accuracy_vs_u.png)",
