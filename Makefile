@@ -28,6 +28,7 @@ demo: install
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/score_throughput.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/train_throughput.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/serve_load.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,4 +1,4 @@
-"""Command line: ``dina-lrm score | prepare | train | eval | demo | toyworld pretrain | toyworld benchmark``."""
+"""Command line: ``dina-lrm score | prepare | train | eval | serve | demo | toyworld pretrain | toyworld benchmark``."""
 
 from __future__ import annotations
 
@@ -113,20 +113,39 @@ def parse_levels(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"--levels takes comma-separated noise levels like 0.2,0.4,0.6, got {text!r}") from None
 
 
-def run_eval(args) -> int:
+def config_from_args(args, flags: dict[str, str]) -> dict:
+    """The ``--config`` YAML file's keys, overridden by the flags given (``flags``: flag -> key)."""
     import yaml
-
-    from dina_lrm.eval.runner import EvalConfig, evaluate
 
     raw = {}
     if args.config:
         if not Path(args.config).is_file():
-            raise FileNotFoundError(f"eval config not found: {args.config}")
+            raise FileNotFoundError(f"{args.command} config not found: {args.config}")
         raw = yaml.safe_load(Path(args.config).read_text()) or {}
-    raw.update({key: getattr(args, flag) for flag, key in EVAL_FLAGS.items() if getattr(args, flag) not in (None, False)})
+    raw.update({key: getattr(args, flag) for flag, key in flags.items() if getattr(args, flag) not in (None, False)})
+    return raw
+
+
+def run_eval(args) -> int:
+    from dina_lrm.eval.runner import EvalConfig, evaluate
+
+    raw = config_from_args(args, EVAL_FLAGS)
     summary = evaluate(EvalConfig.from_dict(raw))
     if summary is not None:
         print((Path(raw.get("out", EvalConfig.out)) / "report.md").read_text())
+    return 0
+
+
+SERVE_FLAGS = {name: name for name in (
+    "reward", "model", "host", "port", "device", "dtype", "max_batch_size", "max_wait_ms", "max_request_mb", "default_u",
+    "max_sequence_length",
+)}
+
+
+def run_serve(args) -> int:
+    from dina_lrm.serve.server import ServeConfig, serve
+
+    serve(ServeConfig.from_dict(config_from_args(args, SERVE_FLAGS)))
     return 0
 
 
@@ -225,6 +244,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-sequence-length", type=int, help="T5 tokens, as the reward model was trained (default 128)")
     evaluate.add_argument("--reference-size", type=int, help="encode at buckets of about SIZE^2 pixels (default: the generator's)")
     evaluate.set_defaults(func=run_eval)
+
+    serve = commands.add_parser("serve", help="HTTP reward server for latents, micro-batched (see docs/serving.md)")
+    serve.add_argument("--config", help="YAML with ServeConfig keys; flags override it")
+    serve.add_argument("--reward", help="reward model directory (config.json + checkpoint/)")
+    serve.add_argument("--model", help="generator pipeline: local directory or hub id")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1; the server has no authentication)")
+    serve.add_argument("--port", type=int, help="default 8000; 0 picks a free port (printed at start)")
+    serve.add_argument("--device", help="default cpu")
+    serve.add_argument("--dtype", choices=sorted(DTYPES), help="default float32")
+    serve.add_argument("--max-batch-size", type=int, help="items per backbone pass (default 8)")
+    serve.add_argument("--max-wait-ms", type=float, help="how long a request may wait for others to batch with (default 10)")
+    serve.add_argument("--max-request-mb", type=float, help="larger request bodies get HTTP 413 (default 64)")
+    serve.add_argument("--default-u", type=float, help="noise level when a request gives none (default 0.4)")
+    serve.add_argument("--max-sequence-length", type=int, help="T5 tokens when the server encodes prompts (default 128)")
+    serve.set_defaults(func=run_serve)
 
     demo = commands.add_parser("demo", help="the toy world end to end: data, DiNa-LRM vs. baselines, report")
     demo.add_argument("--out", default="demo_out")

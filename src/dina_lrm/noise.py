@@ -46,10 +46,11 @@ class SigmaTable:
 
 def add_noise(x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """``(1 - sigma) * x0 + sigma * noise``; ``sigma`` is per sample (B,) or broadcastable."""
-    sigma = torch.as_tensor(sigma, device=x0.device, dtype=torch.float32)
+    compute = torch.promote_types(x0.dtype, torch.float32)  # at least float32, float64 stays float64
+    sigma = torch.as_tensor(sigma, device=x0.device, dtype=compute)
     if sigma.dim() == 1:
         sigma = sigma.view(-1, *([1] * (x0.dim() - 1)))
-    return ((1.0 - sigma) * x0.float() + sigma * noise.float()).to(x0.dtype)
+    return ((1.0 - sigma) * x0.to(compute) + sigma * noise.to(compute)).to(x0.dtype)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from diffusers import DiffusionPipeline
 from dina_lrm.data.images import center_crop_to_multiple, load_images, vae_encode
 from dina_lrm.models.reward_model import DiNaLRM
 from dina_lrm.models.sd3_text import SD3PromptEncoder
+from dina_lrm.losses import thurstone_variance
 from dina_lrm.noise import SigmaTable, add_noise
 
 SCORE_OFFSET, SCORE_SCALE = 10.0, 10.0
@@ -29,6 +30,7 @@ class ScoreResult:
     raw: torch.Tensor  # (B,) the head's output, averaged over noise draws
     normalized: torch.Tensor  # (B,) (raw + 10) / 10
     sigmas: torch.Tensor  # (K,) the noise levels actually used (snapped to the sigma table)
+    thurstone_std: torch.Tensor  # (K,) utility noise std sqrt(2 sigma^2 + 0.05) the loss assumes at each level
 
     def rows(self) -> list[dict]:
         return [{"raw": float(r), "normalized": float(n)} for r, n in zip(self.raw, self.normalized)]
@@ -89,17 +91,26 @@ class Scorer:
 
     def score(
         self,
-        prompts: str | list[str],
+        prompts: str | list[str] | None = None,
         *,
         images=None,
         latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
         u: float = 0.4,
         noise_levels: list[float] | None = None,
         n_draws: int = 1,
         seed: int | None = None,
+        seeds: list[int] | torch.Tensor | None = None,
         grad: bool = False,
     ) -> ScoreResult:
-        """Score (prompt, image) pairs. u = 0.4 suits a generator's own clean latents, 0.1 images from files."""
+        """Score (prompt, image) pairs. u = 0.4 suits a generator's own clean latents, 0.1 images from files.
+
+        Text comes as ``prompts`` or as the pipeline's ``prompt_embeds`` + ``pooled_prompt_embeds``.
+        ``seed`` seeds the whole call; ``seeds`` (one per item) seed each item's noise on its own, so
+        an item scores the same whatever else is in the batch. ``grad=True`` keeps the graph from
+        ``latents`` (or from image tensors, through the VAE encoder) to the scores.
+        """
         if (images is None) == (latents is None):
             raise ValueError("pass exactly one of images= or latents=")
         if n_draws < 1:
@@ -109,12 +120,38 @@ class Scorer:
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         with nullcontext() if grad else torch.no_grad():
             groups = self._latent_groups(images, latents)
-            prompts = _match_prompts(prompts, sum(len(idx) for idx, _ in groups))
-            raw = torch.empty(len(prompts), device=self.model.device, dtype=torch.float32)
+            count = sum(len(index) for index, _ in groups)
+            states, pooled = self._text_conditioning(prompts, prompt_embeds, pooled_prompt_embeds, count)
+            seeds = _check_seeds(seeds, count)
+            out_dtype = torch.float64 if self.model.dtype == torch.float64 else torch.float32
+            raw = torch.empty(count, device=self.model.device, dtype=out_dtype)
             for index, group in groups:
-                group_prompts = [prompts[i] for i in index]
-                raw[index] = self._score_latents(group, group_prompts, sigmas, timesteps, n_draws, generator)
-        return ScoreResult(raw=raw, normalized=normalize_score(raw), sigmas=sigmas)
+                noise = self._draw_noise((n_draws, len(sigmas)) + tuple(group.shape[1:]), index, seeds, generator)
+                raw[index] = self._score_latents(group, states[index], pooled[index], sigmas, timesteps, noise).to(out_dtype)
+        return ScoreResult(raw=raw, normalized=normalize_score(raw), sigmas=sigmas, thurstone_std=thurstone_variance(sigmas).sqrt())
+
+    def _text_conditioning(self, prompts, prompt_embeds, pooled_prompt_embeds, count) -> tuple[torch.Tensor, torch.Tensor]:
+        if prompts is not None:
+            if prompt_embeds is not None or pooled_prompt_embeds is not None:
+                raise ValueError("pass prompts or prompt_embeds + pooled_prompt_embeds, not both")
+            return self.prompt_encoder(_match_prompts(prompts, count))
+        if prompt_embeds is None or pooled_prompt_embeds is None:
+            raise ValueError("pass prompts, or both prompt_embeds and pooled_prompt_embeds")
+        if prompt_embeds.shape[0] != count or pooled_prompt_embeds.shape[0] != count:
+            raise ValueError(
+                f"got {prompt_embeds.shape[0]} prompt_embeds and {pooled_prompt_embeds.shape[0]} pooled_prompt_embeds "
+                f"for {count} images/latents"
+            )
+        return prompt_embeds, pooled_prompt_embeds
+
+    @staticmethod
+    def _draw_noise(shape: tuple, index: list[int], seeds: list[int] | None, generator) -> torch.Tensor:
+        """(draws, levels, B, C, H, W) standard normal noise, drawn on the CPU so seeds repeat on any device."""
+        draws, levels, *item = shape
+        if seeds is None:
+            return torch.randn((draws, levels, len(index), *item), generator=generator)
+        per_item = [torch.randn((draws, levels, *item), generator=torch.Generator().manual_seed(seeds[i])) for i in index]
+        return torch.stack(per_item, dim=2)
 
     def _latent_groups(self, images, latents) -> list[tuple[list[int], torch.Tensor]]:
         """Batches of equally sized latents, with their positions in the input."""
@@ -128,17 +165,15 @@ class Scorer:
             by_size.setdefault(tuple(z.shape), []).append(i)
         return [(index, torch.cat([encoded[i] for i in index])) for index in by_size.values()]
 
-    def _score_latents(self, latents, prompts, sigmas, timesteps, n_draws, generator) -> torch.Tensor:
+    def _score_latents(self, latents, states, pooled, sigmas, timesteps, noise) -> torch.Tensor:
         model = self.model
         latents = latents.to(model.device, model.dtype)
         model.check_latents(latents)
-        levels, batch = len(sigmas), latents.shape[0]
-        states, pooled = self.prompt_encoder(prompts)
+        n_draws, levels, batch = noise.shape[:3]
         states, pooled = states.to(model.device, model.dtype), pooled.to(model.device, model.dtype)
         if model.config.training.add_noise:
-            noise = torch.randn((n_draws, levels) + tuple(latents.shape), generator=generator)
-            sigma = sigmas.view(1, levels, 1, 1, 1, 1)
-            noisy = add_noise(latents.unsqueeze(0).unsqueeze(0), sigma.to(model.device), noise.to(model.device, model.dtype))
+            sigma = sigmas.view(1, levels, 1, 1, 1, 1).to(model.device)
+            noisy = add_noise(latents.unsqueeze(0).unsqueeze(0), sigma, noise.to(model.device, model.dtype))
         else:
             noisy = latents.expand(n_draws, levels, *latents.shape)
         noisy = noisy.transpose(0, 1).reshape(levels, n_draws * batch, *latents.shape[1:])
@@ -148,7 +183,16 @@ class Scorer:
             pooled.repeat(n_draws, 1),
             timesteps.to(model.device).view(levels, 1).expand(levels, n_draws * batch),
         )
-        return scores.float().view(n_draws, batch, -1)[..., 0].mean(dim=0)
+        return scores.view(n_draws, batch, -1)[..., 0].mean(dim=0)
+
+
+def _check_seeds(seeds, count: int) -> list[int] | None:
+    if seeds is None:
+        return None
+    seeds = [int(s) for s in (seeds.tolist() if torch.is_tensor(seeds) else seeds)]
+    if len(seeds) != count:
+        raise ValueError(f"got {len(seeds)} seeds for {count} images/latents; give one seed per item")
+    return seeds
 
 
 def _match_prompts(prompts: str | list[str], count: int) -> list[str]:

@@ -35,10 +35,11 @@ def _check_tensor(image: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"image tensors must be (3, H, W), got {tuple(image.shape)}")
     if image.dtype == torch.uint8:
         return image.float() / 255.0
-    image = image.float()
+    if not image.is_floating_point():
+        raise TypeError(f"image tensors must be uint8 or floating point in [0, 1], got {image.dtype}")
     if not torch.isfinite(image).all():
         raise ValueError("image tensor contains NaN or inf")
-    if image.min() < 0 or image.max() > 1:
+    if image.detach().min() < 0 or image.detach().max() > 1:
         raise ValueError(
             f"float image tensors must lie in [0, 1], got [{image.min():.3g}, {image.max():.3g}]; "
             "map [-1, 1] images with (x + 1) / 2"

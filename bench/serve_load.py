@@ -1,0 +1,148 @@
+"""Load test of ``dina-lrm serve`` on loopback: N concurrent clients, one item per request.
+
+Side by side, in one run, on the toy world's shipped generator with a DiNa-LRM of the demo's shape:
+  * in-process: ``Scorer.score`` on batches of MAX_BATCH items, and one item at a time;
+  * the server without micro-batching (``--max-batch-size 1``) and with it.
+Each server runs as its own ``dina-lrm serve`` process; the clients are threads of this process,
+each with one keep-alive connection, sending until REQUESTS requests or SECONDS have passed.
+
+    python bench/serve_load.py [--clients 8] [--requests 40] [--seconds 30] [--max-batch 8] [--max-wait-ms 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dina_lrm import DiNaConfig, DiNaLRM, Scorer
+from dina_lrm.scorer import load_pipeline
+from dina_lrm.serve.client import RewardClient
+from dina_lrm.toyworld.demo import DEMO_MODEL
+from dina_lrm.toyworld.generator import T5_TOKENS
+
+GENERATOR = Path(__file__).resolve().parents[1] / "src" / "dina_lrm" / "toyworld" / "pretrained"
+PROMPTS = ["a red circle", "two blue squares", "a small green triangle on the left", "a big yellow star"]
+
+
+def build_reward(directory: Path) -> Scorer:
+    pipe = load_pipeline(GENERATOR)
+    model = DiNaLRM(DiNaConfig.from_dict({"model": DEMO_MODEL}), pipe.transformer)
+    model.save_pretrained(directory)
+    return Scorer.from_model(model, pipe, max_sequence_length=T5_TOKENS)
+
+
+def workload(scorer: Scorer, count: int) -> list[dict]:
+    generator = torch.Generator().manual_seed(0)
+    channels = scorer.model.base_backbone.latent_channels
+    states, pooled = scorer.prompt_encoder(PROMPTS)
+    return [
+        {"latents": torch.randn(1, channels, 16, 16, generator=generator), "prompt_embeds": states[i % 4 : i % 4 + 1],
+         "pooled_prompt_embeds": pooled[i % 4 : i % 4 + 1], "u": 0.4, "seeds": [i]}
+        for i in range(count)
+    ]
+
+
+def in_process_rate(scorer: Scorer, items: list[dict], batch: int, repeats: int = 3) -> float:
+    def run():
+        for start in range(0, len(items), batch):
+            chunk = items[start : start + batch]
+            scorer.score(latents=torch.cat([c["latents"] for c in chunk]), prompt_embeds=torch.cat([c["prompt_embeds"] for c in chunk]),
+                         pooled_prompt_embeds=torch.cat([c["pooled_prompt_embeds"] for c in chunk]), u=0.4,
+                         seeds=[c["seeds"][0] for c in chunk])
+
+    run()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    return repeats * len(items) / (time.perf_counter() - start)
+
+
+def start_server(reward_dir: Path, max_batch: int, max_wait_ms: float) -> tuple[subprocess.Popen, str]:
+    command = [sys.executable, "-m", "dina_lrm", "serve", "--reward", str(reward_dir), "--model", str(GENERATOR), "--port", "0",
+               "--max-batch-size", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--max-sequence-length", str(T5_TOKENS)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    banner = process.stdout.readline()
+    if "http://" not in banner:
+        process.kill()
+        raise RuntimeError(f"the server did not start: {banner!r}")
+    return process, banner.split("on ", 1)[1].split(" ", 1)[0]
+
+
+def load_test(url: str, items: list[dict], clients: int, requests: int, seconds: float) -> dict:
+    latencies: list[float] = []
+    lock, warmed, go = threading.Lock(), threading.Barrier(clients + 1), threading.Barrier(clients + 1)
+
+    def client(index: int):
+        connection = RewardClient(url)
+        connection.score(**items[index])  # warm the connection and the server
+        warmed.wait()
+        go.wait()
+        mine, begin = [], time.perf_counter()
+        for n in range(requests):
+            if time.perf_counter() - begin > seconds:
+                break
+            sent = time.perf_counter()
+            connection.score(**items[(index * requests + n) % len(items)])
+            mine.append(time.perf_counter() - sent)
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    warmed.wait()
+    before = Counter({int(k): v for k, v in RewardClient(url).metrics()["batch_size_histogram"].items()})
+    go.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    after = Counter({int(k): v for k, v in RewardClient(url).metrics()["batch_size_histogram"].items()})
+    milliseconds = np.array(latencies) * 1000
+    return {"requests": len(latencies), "req_per_s": len(latencies) / elapsed, "p50_ms": float(np.percentile(milliseconds, 50)),
+            "p99_ms": float(np.percentile(milliseconds, 99)), "histogram": dict(sorted((after - before).items()))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=40, help="per client")
+    parser.add_argument("--seconds", type=float, default=30.0, help="per server mode")
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        reward_dir = Path(tmp) / "reward"
+        scorer = build_reward(reward_dir)
+        items = workload(scorer, 64)
+        rows = [("in-process, batch 1", {"req_per_s": in_process_rate(scorer, items, 1)}),
+                (f"in-process, batch {args.max_batch}", {"req_per_s": in_process_rate(scorer, items, args.max_batch)})]
+        for label, max_batch in (("server, no micro-batching", 1), (f"server, micro-batching ({args.max_batch}, {args.max_wait_ms:g} ms)", args.max_batch)):
+            process, url = start_server(reward_dir, max_batch, args.max_wait_ms)
+            try:
+                rows.append((label, load_test(url, items, args.clients, args.requests, args.seconds)))
+            finally:
+                process.terminate()
+                process.wait()
+    print(f"\n{args.clients} concurrent clients, 1 item (16x16x4 latent) per request, toy generator, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads\n")
+    print(f"| {'mode':<40} | items/s | p50 ms | p99 ms | passes by batch size |")
+    print(f"|{'-' * 42}|---------|--------|--------|----------------------|")
+    for label, row in rows:
+        latency = f"{row['p50_ms']:6.1f} | {row['p99_ms']:6.1f}" if "p50_ms" in row else f"{'-':>6} | {'-':>6}"
+        histogram = ", ".join(f"{size}: {count}" for size, count in row.get("histogram", {}).items()) or "-"
+        print(f"| {label:<40} | {row['req_per_s']:7.1f} | {latency} | {histogram} |")
+
+
+if __name__ == "__main__":
+    main()
