@@ -156,6 +156,9 @@ class RewardService:
         self.batcher.close()
 
 
+DRAIN_FACTOR = 16  # oversized bodies up to this many times the limit are read and dropped, larger ones not
+
+
 class RewardRequestHandler(BaseHTTPRequestHandler):
     server_version = f"dina-lrm/{dina_lrm.__version__}"
     protocol_version = "HTTP/1.1"
@@ -193,16 +196,26 @@ class RewardRequestHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise BadRequest(400, f"bad Content-Length {length!r}") from None
         if length > self.service.max_request_bytes:
-            self.close_connection = True  # the unread body must not be taken for the next request
+            self._discard_body()
             raise BadRequest(413, f"request body of {length} bytes exceeds the limit of {self.service.max_request_bytes} bytes")
         return self.rfile.read(length)
 
     def _discard_body(self) -> None:
-        length = int(self.headers.get("content-length") or 0)
-        if 0 < length <= self.service.max_request_bytes:
-            self.rfile.read(length)
-        elif length:
+        """Read and drop the body, so the client can read our answer instead of hitting a closed socket;
+        a body far over the limit is not read at all: the connection closes after the answer."""
+        try:
+            length = int(self.headers.get("content-length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= DRAIN_FACTOR * self.service.max_request_bytes:
             self.close_connection = True
+            return
+        while length > 0:
+            chunk = self.rfile.read(min(length, 2**20))
+            if not chunk:  # the client hung up
+                self.close_connection = True
+                return
+            length -= len(chunk)
 
     def _reply(self, status: int, payload: dict) -> None:
         self.service.record_response(status)
