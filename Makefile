@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch lies on local disk; pinning it keeps pip from pulling a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install test test-slow demo demo-align bench clean
 
 $(BIN)/dina-lrm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ test-slow: install
 
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/dina-lrm demo --out demo_out
+
+demo-align: install
+	HF_HUB_OFFLINE=1 $(BIN)/dina-lrm demo --out demo_out --align
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/score_throughput.py

@@ -1,4 +1,4 @@
-"""Command line: ``dina-lrm score | prepare | train | eval | serve | demo | toyworld pretrain | toyworld benchmark``."""
+"""Command line: ``dina-lrm score | prepare | train | eval | serve | align | demo | toyworld pretrain | toyworld benchmark``."""
 
 from __future__ import annotations
 
@@ -149,6 +149,22 @@ def run_serve(args) -> int:
     return 0
 
 
+def run_align(args) -> int:
+    from accelerate import PartialState
+
+    from dina_lrm.align.trainer import AlignConfig, align
+    from dina_lrm.config import apply_overrides
+
+    raw = config_from_args(args, {"out": "out", "max_steps": "max_steps"})
+    history = align(AlignConfig.from_dict(apply_overrides(raw, args.set)), resume=args.resume)
+    if PartialState().is_main_process:
+        first, last = history[0], history[-1]
+        judged = f", judge {first['eval_judge']:.3f} -> {last['eval_judge']:.3f}" if "eval_judge" in last else ""
+        print(f"{last['step']} steps: held-out reward {first['eval_reward']:.3f} -> {last['eval_reward']:.3f}{judged}; "
+              f"LoRA in {Path(raw.get('out', 'align_out')) / 'lora'}")
+    return 0
+
+
 def run_toy_benchmark(args) -> int:
     from dina_lrm.toyworld.benchmark import write_toy_benchmark
 
@@ -164,6 +180,8 @@ def run_demo(args) -> int:
 
     data = {k: getattr(args, k) for k in ("train_prompts", "test_prompts", "flip_rate") if getattr(args, k) is not None}
     demo_options = {"budget_s": args.budget_seconds} if args.budget_seconds is not None else {}
+    if args.align is not None:
+        demo_options["align_budget_s"] = args.align
     config = DemoConfig(data=PreferenceDataConfig(seed=args.seed, **data), seed=args.seed, **demo_options)
     demo(Path(args.out), config, generator_dir=args.generator, from_scratch=args.from_scratch)
     return 0
@@ -260,6 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-sequence-length", type=int, help="T5 tokens when the server encodes prompts (default 128)")
     serve.set_defaults(func=run_serve)
 
+    aligner = commands.add_parser("align", help="align a generator's LoRA with a reward: Flow-GRPO or DRaFT-K "
+                                  "(run under `accelerate launch` for several GPUs; see docs/alignment.md)")
+    aligner.add_argument("--config", required=True, help="YAML with AlignConfig keys")
+    aligner.add_argument("--out", help="output directory (default align_out)")
+    aligner.add_argument("--max-steps", type=int, help="(default: the config's)")
+    aligner.add_argument("--resume", help="'latest' or a checkpoint directory to continue from")
+    aligner.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. reward.u=0.3")
+    aligner.set_defaults(func=run_align)
+
     demo = commands.add_parser("demo", help="the toy world end to end: data, DiNa-LRM vs. baselines, report")
     demo.add_argument("--out", default="demo_out")
     demo.add_argument("--budget-seconds", type=float, help="training CPU seconds per method (default: DemoConfig's)")
@@ -268,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--train-prompts", type=int, help="(default: PreferenceDataConfig's)")
     demo.add_argument("--test-prompts", type=int, help="(default: PreferenceDataConfig's)")
     demo.add_argument("--flip-rate", type=float, help="share of training labels the noisy rater flips (default 0.2)")
+    demo.add_argument("--align", type=float, nargs="?", const=90.0, metavar="SECONDS",
+                      help="optional last stage: align the generator with DiNa-LRM, the pixel reward and the judge, "
+                           "SECONDS of training each (default 90; about 12 more minutes)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=run_demo)
 

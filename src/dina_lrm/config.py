@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import importlib.util
 import json
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -258,9 +260,17 @@ def from_dict(cls: type, raw: Any, where: str = ""):
 
 
 def _typed(hint, value: Any, path: str):
-    """``value`` as a dataclass, or as a dict of dataclasses, where the type hint asks for one."""
+    """``value`` as a dataclass (also an optional one), or as a dict of dataclasses, where the type hint asks for one."""
+    optional = [arg for arg in typing.get_args(hint) if arg is not type(None)] if typing.get_origin(hint) in (typing.Union, types.UnionType) else []
+    if len(optional) == 1 and dataclasses.is_dataclass(optional[0]):
+        return None if value is None else from_dict(optional[0], value, path)
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, path)
+    if hint in (float, float | None) and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{path} must be a number, got {value!r}") from None
     if typing.get_origin(hint) is dict and dataclasses.is_dataclass(typing.get_args(hint)[1]):
         if not isinstance(value, dict):
             raise ConfigError(f"{path} must be a mapping of names to sections, got {type(value).__name__}")
@@ -313,3 +323,24 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> DiNaCon
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise ConfigError(f"cannot parse {path}: {err}") from err
     return DiNaConfig.from_dict(apply_overrides(raw or {}, overrides or []))
+
+
+def import_object(spec: str, what: str = "target"):
+    """The object named by ``module:attr`` or ``path/file.py:attr`` (plug-in rewards and the like)."""
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target:
+        raise ValueError(f"{what} {spec!r} must look like module:attr or file.py:attr")
+    if target.endswith(".py"):
+        if not Path(target).is_file():
+            raise FileNotFoundError(f"{what} file not found: {target}")
+        module_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as err:
+            raise ValueError(f"{what} {spec!r}: cannot import {target} ({err})") from err
+    if not hasattr(module, attr):
+        raise ValueError(f"{what} {spec!r}: {target} has no attribute {attr!r}")
+    return getattr(module, attr)

@@ -10,16 +10,24 @@ Those trainers build each reward with ``factory(device)`` and call the returned
 
 Each factory loads its own copy of the generator: the reward model's LoRA layers go into that copy,
 never into the policy being trained.
+
+Inside dina-lrm's own alignment loop a reward is an :class:`AlignReward`: clean latents and prompts
+in, a (N,) tensor out. :class:`LatentReward` scores the latents directly with DiNa-LRM;
+:class:`DecodedImageReward` decodes them with the generator's VAE and scores the pixels with any
+image reward, which is what a pixel-space reward model costs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dina_lrm.config import import_object
+from dina_lrm.data.images import vae_decode
 from dina_lrm.scorer import DTYPES, ScoreResult, Scorer
 
 SCALES = ("normalized", "raw")
@@ -111,3 +119,80 @@ def _output(result: ScoreResult, scale: str) -> tuple[np.ndarray, dict]:
     scores = result.normalized if scale == "normalized" else result.raw
     info = {"raw": result.raw.float().cpu().numpy(), "sigmas": result.sigmas.tolist()}
     return scores.float().cpu().numpy(), info
+
+
+class LatentReward:
+    """DiNa-LRM on the clean latents: no VAE decode; differentiable when called with grad enabled."""
+
+    differentiable = True
+
+    def __init__(self, scorer: Scorer, *, u: float = 0.4, n_draws: int = 1, name: str = "DiNa-LRM (latents)"):
+        self.scorer, self.u, self.n_draws, self.name = scorer, u, n_draws, name
+
+    def __call__(self, latents: torch.Tensor, prompts: list[str], seed: int) -> torch.Tensor:
+        result = self.scorer.score(prompts, latents=latents, u=self.u, n_draws=self.n_draws, seed=seed, grad=torch.is_grad_enabled())
+        return result.raw
+
+
+@dataclass
+class DecodedImageReward:
+    """Decode with the generator's VAE, then ``fn(images (N, 3, H, W) in [0, 1], prompts) -> (N,) scores``."""
+
+    vae: torch.nn.Module
+    fn: Callable[[torch.Tensor, list[str]], torch.Tensor]
+    name: str
+    differentiable: bool = False
+
+    def __call__(self, latents: torch.Tensor, prompts: list[str], seed: int) -> torch.Tensor:
+        scores = self.fn(vae_decode(self.vae, latents), list(prompts))
+        return torch.as_tensor(scores, dtype=torch.float32, device=latents.device).reshape(-1)
+
+
+def flow_grpo_image_reward(factory: Callable, vae, device, name: str) -> DecodedImageReward:
+    """A Flow-GRPO style ``factory(device)`` (``fn(images, prompts, metadata) -> (scores, info)``) as an
+    :class:`DecodedImageReward`."""
+    fn = factory(device)
+    return DecodedImageReward(vae, lambda images, prompts: fn(images, prompts, [{} for _ in prompts])[0], name)
+
+
+@dataclass
+class RewardSpec:
+    """Which reward to align with (or to judge by).
+
+    kind ``dina``: a DiNa-LRM directory (``path``) scoring latents at ``u`` with ``n_draws``;
+    ``python``: ``target`` = ``module:attr`` or ``file.py:attr``, a Flow-GRPO style image reward factory;
+    ``toy_judge``: the toy world's judge on decoded images; ``toy_pixel``: the toy world's pixel reward
+    model saved at ``path`` (decodes, then scores).
+    """
+
+    kind: str = "dina"
+    path: str = ""
+    target: str = ""
+    u: float = 0.4
+    n_draws: int = 1
+
+    def validate(self) -> None:
+        kinds = ("dina", "python", "toy_judge", "toy_pixel")
+        if self.kind not in kinds:
+            raise ValueError(f"unknown reward kind {self.kind!r}; choose one of {kinds}")
+        if self.kind in ("dina", "toy_pixel") and not self.path:
+            raise ValueError(f"a {self.kind} reward needs a path")
+        if self.kind == "python" and not self.target:
+            raise ValueError("a python reward needs target: module:attr or file.py:attr (a factory(device))")
+
+
+def build_reward(spec: RewardSpec, *, generator: str, pipe, device, max_sequence_length: int, dtype: str = "float32"):
+    """The reward ``spec`` names. ``pipe``: the policy's pipeline, whose VAE decodes for image rewards
+    (a DiNa-LRM loads its own copy of ``generator``, so its LoRA never touches the policy)."""
+    spec.validate()
+    vae = pipe.vae
+    if spec.kind == "dina":
+        scorer = _load(spec.path, generator, device, dtype, max_sequence_length)
+        return LatentReward(scorer, u=spec.u, n_draws=spec.n_draws)
+    if spec.kind == "python":
+        return flow_grpo_image_reward(import_object(spec.target, "reward target"), vae, device, spec.target)
+    from dina_lrm.toyworld import alignment
+
+    if spec.kind == "toy_judge":
+        return DecodedImageReward(vae, alignment.judge_scores, "toy judge")
+    return alignment.pixel_reward(spec.path, pipe, device)

@@ -9,8 +9,6 @@ the ensembles (noise draws at the best u, and multi-level sets).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +20,7 @@ from accelerate.utils import gather_object
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from dina_lrm.config import from_dict
+from dina_lrm.config import from_dict, import_object
 from dina_lrm.data.prepare import PrepareConfig, open_image
 from dina_lrm.data.readers import read_dataset
 from dina_lrm.data.records import PreferenceGroup
@@ -140,23 +138,7 @@ def read_benchmark(config: EvalConfig, out: Path, state: PartialState) -> tuple[
 
 def load_extra_reward(spec: str) -> RewardFn:
     """``module:attr`` or ``path/file.py:attr``: a RewardFn, or a callable that returns one."""
-    target, sep, attr = spec.rpartition(":")
-    if not sep or not target:
-        raise ValueError(f"--extra-reward {spec!r} must look like module:attr or file.py:attr")
-    if target.endswith(".py"):
-        if not Path(target).is_file():
-            raise FileNotFoundError(f"--extra-reward file not found: {target}")
-        module_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as err:
-            raise ValueError(f"--extra-reward {spec!r}: cannot import {target} ({err})") from err
-    if not hasattr(module, attr):
-        raise ValueError(f"--extra-reward {spec!r}: {target} has no attribute {attr!r}")
-    reward = getattr(module, attr)
+    reward = import_object(spec, "--extra-reward")
     reward = reward() if not isinstance(reward, RewardFn) and callable(reward) else reward
     if not isinstance(reward, RewardFn) or reward.inputs not in ("images", "latents"):
         raise TypeError(f"--extra-reward {spec!r} is not a RewardFn (needs .name, .inputs 'images'/'latents', and __call__)")
