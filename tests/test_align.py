@@ -133,6 +133,7 @@ def test_a_few_steps_raise_the_held_out_reward(pipeline_dir, reward_dir, prompt_
     for key in ("reward_mean", "reward_std", "clip_fraction", "kl", "time_sampling_s", "time_reward_s", "time_update_s", "peak_memory_mib"):
         assert key in step
     assert (tmp_path / method / "lora" / "lora.safetensors").is_file()
+    assert (tmp_path / method / "samples" / f"step_{config.max_steps:06d}.png").is_file()
     assert len((tmp_path / method / "metrics.jsonl").read_text().splitlines()) == config.max_steps + 1
 
 
@@ -180,6 +181,11 @@ class TestBadConfigs:
         config = make_config(pipeline_dir, reward_dir, prompt_file, tmp_path, lora_targets=["no_such_module"])
         with pytest.raises(ValueError, match="no_such_module|no trainable parameters"):
             Aligner(config)
+
+    def test_resolution_must_fit_the_vae_and_patches(self, pipeline_dir, reward_dir, prompt_file, tmp_path):
+        with pytest.raises(ValueError, match="multiple of 16"):
+            Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path, resolution=40))
+        assert Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path, resolution=32)).latent_shape == (4, 4, 4)
 
     def test_reward_returning_nan(self, pipeline_dir, reward_dir, prompt_file, tmp_path):
         aligner = Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path))

@@ -128,6 +128,7 @@ class LatentReward:
 
     def __init__(self, scorer: Scorer, *, u: float = 0.4, n_draws: int = 1, name: str = "DiNa-LRM (latents)"):
         self.scorer, self.u, self.n_draws, self.name = scorer, u, n_draws, name
+        scorer.model.requires_grad_(False)  # gradients flow through the reward to the latents, not into it
 
     def __call__(self, latents: torch.Tensor, prompts: list[str], seed: int) -> torch.Tensor:
         result = self.scorer.score(prompts, latents=latents, u=self.u, n_draws=self.n_draws, seed=seed, grad=torch.is_grad_enabled())

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from PIL import Image
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -32,10 +33,11 @@ from dina_lrm.align.rewards import RewardSpec, build_reward
 from dina_lrm.align.sampling import Schedule, TextConditioning, predict_velocity, sample_ode, sample_sde
 from dina_lrm.align.sde import gaussian_kl
 from dina_lrm.config import from_dict
+from dina_lrm.data.images import vae_decode
 from dina_lrm.distributed import cpu_only
 from dina_lrm.eval.cost import MemoryMeter
 from dina_lrm.models.sd3_text import SD3PromptEncoder
-from dina_lrm.scorer import DTYPES, load_pipeline
+from dina_lrm.scorer import DTYPES, load_pipeline, vae_scale_factor
 
 METHODS = ("grpo", "draft")
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -58,6 +60,7 @@ class AlignConfig:
     group_size: int = 4  # samples per prompt (grpo)
     train_sampling_steps: int = 10
     eval_sampling_steps: int = 20
+    resolution: int | None = None  # image side in pixels (default: the transformer's native sample size)
     guidance_scale: float = 4.0
     noise_level: float = 0.7  # SDE noise (grpo)
     timestep_fraction: float = 0.5  # share of the sampled steps trained on (grpo)
@@ -120,6 +123,17 @@ def read_prompts(source: str, count: int | None = None, seed: int = 0) -> list[s
     return prompts[:count] if count else prompts
 
 
+def latent_shape(transformer, vae, resolution: int | None) -> tuple[int, int, int]:
+    config = transformer.config
+    if resolution is None:
+        return (config.in_channels, config.sample_size, config.sample_size)
+    multiple = vae_scale_factor(vae) * config.patch_size
+    if resolution % multiple:
+        raise ValueError(f"resolution {resolution} must be a multiple of {multiple} (VAE factor x patch size)")
+    side = resolution // vae_scale_factor(vae)
+    return (config.in_channels, side, side)
+
+
 class Aligner:
     def __init__(self, config: AlignConfig, pipe=None):
         config.validate()
@@ -138,7 +152,7 @@ class Aligner:
         trainable = [p for p in transformer.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError(f"no trainable parameters: lora_targets {config.lora_targets} match no module of the transformer")
-        self.latent_shape = (transformer.config.in_channels, transformer.config.sample_size, transformer.config.sample_size)
+        self.latent_shape = latent_shape(transformer, self.pipe.vae, config.resolution)
         optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.policy, self.optimizer = self.accelerator.prepare(transformer, optimizer)
         self.prompt_encoder = SD3PromptEncoder.from_pipeline(self.pipe, max_sequence_length=config.max_sequence_length)
@@ -163,10 +177,10 @@ class Aligner:
         batch = len(prompts)
         return TextConditioning(states, pooled, negative.expand(batch, -1, -1), negative_pooled.expand(batch, -1))
 
-    def step_generator(self, salt: int = 0) -> torch.Generator:
+    def step_generator(self) -> torch.Generator:
         """Seeded by (seed, step, process): a resumed run draws exactly what the uninterrupted one did."""
         rank = self.accelerator.process_index
-        return torch.Generator().manual_seed(((self.config.seed * 1_000_003 + self.step) * 1009 + rank) * 31 + salt)
+        return torch.Generator().manual_seed((self.config.seed * 1_000_003 + self.step) * 1009 + rank)
 
     def step_prompts(self, generator: torch.Generator) -> list[str]:
         index = torch.randint(len(self.train_prompts), (self.config.prompts_per_step,), generator=generator)
@@ -279,6 +293,8 @@ class Aligner:
         self.policy.eval()
         generator = torch.Generator().manual_seed(config.seed + 12345 + state.process_index)
         latents = sample_ode(self.policy, self.eval_schedule, self.conditioning(prompts), self.latent_shape, config.guidance_scale, generator)
+        if state.is_main_process:
+            save_sample_grid(self.pipe.vae, latents[:16], self.out / "samples" / f"step_{self.step:06d}.png")
         result = {"eval_reward": self.reward(latents, prompts, seed=config.seed)}
         if self.judge is not None:
             result["eval_judge"] = self.judge(latents, prompts, seed=config.seed)
@@ -367,6 +383,20 @@ class Aligner:
             save_file(self.lora_state(), str(self.out / "lora" / "lora.safetensors"))
             (self.out / "history.json").write_text(json.dumps(self.history, indent=1))
         self.accelerator.wait_for_everyone()
+
+
+def save_sample_grid(vae, latents: torch.Tensor, path: Path, columns: int = 8) -> Path:
+    """Decoded held-out samples as one PNG, ``columns`` per row."""
+    images = (vae_decode(vae, latents) * 255).round().to(torch.uint8).cpu()
+    rows = -(-len(images) // columns)
+    height, width = images.shape[-2:]
+    grid = torch.full((3, rows * height, min(columns, len(images)) * width), 255, dtype=torch.uint8)
+    for i, image in enumerate(images):
+        row, column = divmod(i, columns)
+        grid[:, row * height : (row + 1) * height, column * width : (column + 1) * width] = image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    return path
 
 
 def align(config: AlignConfig, resume: str | Path | None = None, pipe=None) -> list[dict]:
