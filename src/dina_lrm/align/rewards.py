@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -121,6 +122,15 @@ def _output(result: ScoreResult, scale: str) -> tuple[np.ndarray, dict]:
     return scores.float().cpu().numpy(), info
 
 
+class AlignReward(Protocol):
+    name: str
+    differentiable: bool  # can DRaFT back-propagate through it?
+
+    def __call__(self, latents: torch.Tensor, prompts: list[str], seed: int) -> torch.Tensor:
+        """(N,) scores of clean normalised latents (N, C, h, w); higher is better."""
+        ...
+
+
 class LatentReward:
     """DiNa-LRM on the clean latents: no VAE decode; differentiable when called with grad enabled."""
 
@@ -182,7 +192,7 @@ class RewardSpec:
             raise ValueError("a python reward needs target: module:attr or file.py:attr (a factory(device))")
 
 
-def build_reward(spec: RewardSpec, *, generator: str, pipe, device, max_sequence_length: int, dtype: str = "float32"):
+def build_reward(spec: RewardSpec, *, generator: str, pipe, device, max_sequence_length: int, dtype: str = "float32") -> AlignReward:
     """The reward ``spec`` names. ``pipe``: the policy's pipeline, whose VAE decodes for image rewards
     (a DiNa-LRM loads its own copy of ``generator``, so its LoRA never touches the policy)."""
     spec.validate()
