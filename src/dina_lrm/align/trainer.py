@@ -152,6 +152,8 @@ class Aligner:
         trainable = [p for p in transformer.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError(f"no trainable parameters: lora_targets {config.lora_targets} match no module of the transformer")
+        for parameter in trainable:  # the LoRA trains in float32 over a bf16/fp16 generator (PEFT casts its inputs)
+            parameter.data = parameter.data.float()
         self.latent_shape = latent_shape(transformer, self.pipe.vae, config.resolution)
         optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.policy, self.optimizer = self.accelerator.prepare(transformer, optimizer)
@@ -275,6 +277,7 @@ class Aligner:
         self.accelerator.backward(loss)
         self.clip_and_step()
         timings["update"] = time.perf_counter() - start
+        rewards = rewards.detach()
         return {"samples": len(prompts), "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
                 "loss": float(loss), "clip_fraction": 0.0, "kl": 0.0}
 
