@@ -135,24 +135,31 @@ def summarise(history: list[dict]) -> dict:
 
 
 def plot_alignment(histories: dict[str, list[dict]], path: Path) -> Path:
+    """Held-out judge vs training seconds and vs steps, and each run's own held-out reward: a reward
+    that rises while the judge falls is reward hacking."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (by_time, by_step) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    figure, (by_time, by_step, own) = plt.subplots(1, 3, figsize=(15, 4))
     for name, history in histories.items():
         evals = [r for r in history if "eval_judge" in r]
-        style = "-" if name.startswith("GRPO") else "--"
-        by_time.plot([r["train_seconds"] for r in evals], [r["eval_judge"] for r in evals], style, marker="o", markersize=3, label=name)
-        by_step.plot([r["step"] for r in evals], [r["eval_judge"] for r in evals], style, marker="o", markersize=3, label=name)
-    by_time.set_xlabel("training seconds (sampling + reward + update), 2 CPU cores")
+        style = dict(linestyle="-" if name.startswith("GRPO") else "--", marker="o", markersize=3, label=name)
+        seconds = [r["train_seconds"] for r in evals]
+        by_time.plot(seconds, [r["eval_judge"] for r in evals], **style)
+        by_step.plot([r["step"] for r in evals], [r["eval_judge"] for r in evals], **style)
+        own.plot(seconds, [r["eval_reward"] - evals[0]["eval_reward"] for r in evals], **style)
+    by_time.set_xlabel("training seconds (sampling + reward + update)")
     by_step.set_xlabel("optimizer steps")
+    own.set_xlabel("training seconds")
     by_time.set_ylabel("held-out judge score (fixed seeds, ODE)")
-    by_step.legend(fontsize=7)
-    figure.suptitle("Aligning the toy generator: judge score of held-out samples")
+    by_step.set_ylabel("held-out judge score")
+    own.set_ylabel("the run's own reward, change from the start")
+    own.legend(fontsize=7)
+    figure.suptitle("Aligning the toy generator: held-out judge and reward")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
 
