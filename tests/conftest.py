@@ -40,6 +40,16 @@ def text_inputs():
     return torch.randn(2, 20, 32), torch.randn(2, 64)
 
 
+@pytest.fixture(scope="session")
+def reward_dir(pipeline_dir, tmp_path_factory):
+    """A saved LoRA-mode DiNa-LRM on the tiny pipeline, with non-zero LoRA weights (read-only in tests)."""
+    from dina_lrm.scorer import load_pipeline
+
+    model = DiNaLRM(tiny_config(), load_pipeline(pipeline_dir).transformer)
+    randomize_lora(model)
+    return model.save_pretrained(tmp_path_factory.mktemp("reward") / "reward")
+
+
 def randomize_lora(model: DiNaLRM, seed: int = 0) -> None:
     """LoRA B starts at zero; give it values so a test can tell whether LoRA weights were loaded."""
     generator = torch.Generator().manual_seed(seed)

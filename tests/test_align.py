@@ -2,13 +2,12 @@
 tiny generator, resume, and bad configurations."""
 
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_lora, tiny_config
 
-from dina_lrm import DiNaLRM
 from dina_lrm.align.grpo import clipped_policy_loss, group_advantages
 from dina_lrm.align.rewards import DecodedImageReward, RewardSpec
 from dina_lrm.align.sampling import Schedule, TextConditioning, sample_ode, sample_sde
@@ -83,13 +82,6 @@ def test_clipped_objective_gradient_sign_and_clipping():
     loss.backward()
     torch.testing.assert_close(log_prob.grad, torch.zeros(2))
     assert clipped == 1.0
-
-
-@pytest.fixture(scope="module")
-def reward_dir(pipeline_dir, tmp_path_factory):
-    model = DiNaLRM(tiny_config(), load_pipeline(pipeline_dir).transformer)
-    randomize_lora(model)
-    return model.save_pretrained(tmp_path_factory.mktemp("align") / "reward")
 
 
 @pytest.fixture
@@ -215,9 +207,7 @@ def test_cli_align_with_yaml_and_overrides(pipeline_dir, reward_dir, prompt_file
     from dina_lrm.cli import main
 
     config = make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "cli")
-    raw = {k: v for k, v in vars(config).items() if k not in ("reward", "judge")}
-    raw["reward"] = {"kind": "dina", "path": str(reward_dir)}
-    (tmp_path / "align.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "align.yaml").write_text(yaml.safe_dump(asdict(config)))
     code = main(["align", "--config", str(tmp_path / "align.yaml"), "--max-steps", "1", "--set", "learning_rate=1e-3"])
     assert code == 0
     assert "1 steps: held-out reward" in capsys.readouterr().out
@@ -233,9 +223,7 @@ def test_two_processes_split_sampling_and_average_gradients(pipeline_dir, reward
     import yaml
 
     config = make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "ddp", max_steps=2, checkpoint_every=2)
-    raw = {k: v for k, v in vars(config).items() if k not in ("reward", "judge")}
-    raw["reward"] = {"kind": "dina", "path": str(reward_dir)}
-    (tmp_path / "align.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "align.yaml").write_text(yaml.safe_dump(asdict(config)))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dina_lrm", "align", "--config", str(tmp_path / "align.yaml")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

@@ -5,18 +5,10 @@ import socket
 import numpy as np
 import pytest
 import torch
-from conftest import make_latents, randomize_lora, tiny_config
+from conftest import make_latents
 
-from dina_lrm import DiNaLRM, Scorer
+from dina_lrm import Scorer
 from dina_lrm.align.rewards import flow_grpo_latent_reward, flow_grpo_reward
-from dina_lrm.scorer import load_pipeline
-
-
-@pytest.fixture(scope="module")
-def reward_dir(pipeline_dir, tmp_path_factory):
-    model = DiNaLRM(tiny_config(), load_pipeline(pipeline_dir).transformer)
-    randomize_lora(model)
-    return model.save_pretrained(tmp_path_factory.mktemp("adapters") / "reward")
 
 
 @pytest.fixture(scope="module")

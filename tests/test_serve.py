@@ -11,23 +11,13 @@ import urllib.request
 
 import pytest
 import torch
-from conftest import make_latents, randomize_lora, tiny_config
+from conftest import make_latents, tiny_config
 from safetensors.torch import save as save_tensors
 
-from dina_lrm import DiNaLRM
-from dina_lrm.scorer import load_pipeline
 from dina_lrm.serve.client import RewardClient, RewardServerError
-from dina_lrm.serve.protocol import encode_request
 from dina_lrm.serve.server import ServeConfig, load_service, make_server
 
 MAX_REQUEST_MB = 0.5
-
-
-@pytest.fixture(scope="module")
-def reward_dir(pipeline_dir, tmp_path_factory):
-    model = DiNaLRM(tiny_config(), load_pipeline(pipeline_dir).transformer)
-    randomize_lora(model)
-    return model.save_pretrained(tmp_path_factory.mktemp("serve") / "reward")
 
 
 @pytest.fixture(scope="module")
