@@ -26,7 +26,7 @@ demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/dina-lrm demo --out demo_out
 
 demo-align: install
-	HF_HUB_OFFLINE=1 $(BIN)/dina-lrm demo --out demo_out --align
+	HF_HUB_OFFLINE=1 $(BIN)/dina-lrm toyworld align --out demo_out/alignment
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/score_throughput.py

@@ -1,55 +1,124 @@
-"""The toy-world alignment experiment end to end, at a tiny budget, and its reward plumbing."""
+"""The toy world's rewards as plug-ins, the early base generator, and the alignment experiment end to end
+at a tiny size."""
 
+import ast
 import json
+from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 
-from dina_lrm import DiNaConfig, DiNaLRM
 from dina_lrm.scorer import load_pipeline
 from dina_lrm.toyworld.alignment import (
+    EARLY_GENERATOR,
     RUNS,
     ToyAlignmentConfig,
-    judge_scores,
-    load_pixel_reward,
+    materialise_base,
     run_alignment_experiment,
-    save_pixel_reward,
+    write_prompt_sets,
 )
-from dina_lrm.toyworld.demo import DEMO_MODEL, SHIPPED_GENERATOR
 from dina_lrm.toyworld.judge import Judge
 from dina_lrm.toyworld.pixel_reward import PixelReward
-from dina_lrm.toyworld.scenes import parse_prompt, render, scene_for
+from dina_lrm.toyworld.preferences import PreferenceDataConfig
+from dina_lrm.toyworld.rewards import judge, judge_scores, load_pixel_reward, pixel_reward, save_pixel_reward
+from dina_lrm.toyworld.scenes import parse_prompt, render, scene_for, with_object
+
+SRC = Path(__file__).parents[1] / "src" / "dina_lrm"
 
 
-def test_pixel_reward_round_trip(tmp_path):
+def test_the_library_never_imports_the_toy_world():
+    """The toy world plugs in as a user's code does: only it and the command line may import it."""
+    offenders = []
+    for path in SRC.rglob("*.py"):
+        if path.parent.name == "toyworld" or path.name == "cli.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dina_lrm.toyworld"):
+                offenders.append(f"{path.relative_to(SRC)}: {node.module}")
+    assert not offenders, offenders
+
+
+def as_batch(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 255
+
+
+def test_judge_scores_equal_the_judge_on_uint8_images():
+    prompt = "two red circles"
+    image = render(scene_for(parse_prompt(prompt), np.random.default_rng(0)))
+    assert judge_scores(as_batch(image), [prompt]).item() == Judge()(image, prompt).score
+
+
+def test_judge_factory_reports_clause_rates():
+    prompt = "a red circle to the left of a blue square"
+    scene = scene_for(parse_prompt(prompt), np.random.default_rng(0))
+    swapped = with_object(with_object(scene, 0, x=scene.objects[1].x), 1, x=scene.objects[0].x)  # relation broken
+    images = torch.cat([as_batch(render(scene)), as_batch(render(swapped))])
+    scores, info = judge("cpu")(images, [prompt, prompt])
+    assert scores[0] == pytest.approx(1.0) and scores[1] < scores[0]
+    assert info["relation"].tolist() == [1.0, 0.0]
+    for kind in ("object", "colour", "count", "no_extra"):
+        assert info[kind].tolist() == [1.0, 1.0]
+    assert np.isnan(info["size"]).all()  # the prompt names no size
+    assert info["alignment"][1] == pytest.approx(5 / 6)  # counts and shapes of both, no others: 5 of 6 clauses hold
+
+
+def test_pixel_reward_round_trip_and_factory_gradients(tmp_path):
     torch.manual_seed(0)
     model = PixelReward(128, 128).eval()
     path = save_pixel_reward(model, tmp_path / "pixel.safetensors")
     loaded = load_pixel_reward(path)
     pixels, states, pooled = torch.rand(2, 3, 64, 64) * 2 - 1, torch.randn(2, 5, 128), torch.randn(2, 128)
     torch.testing.assert_close(loaded(pixels, states, pooled), model(pixels, states, pooled))
+    fn = pixel_reward(path, EARLY_GENERATOR.parent / "pretrained")("cpu")
+    images = torch.rand(2, 3, 64, 64, requires_grad=True)
+    scores, _ = fn(images, ["a red circle", "two blue squares"])
+    scores.sum().backward()
+    assert scores.shape == (2,) and images.grad.abs().sum() > 0
 
 
-def test_judge_scores_equal_the_judge_on_uint8_images():
-    import numpy as np
+def test_prompt_sets_are_disjoint(tmp_path):
+    config = ToyAlignmentConfig(train_prompts=40, num_val_prompts=8, num_test_prompts=16)
+    paths = write_prompt_sets(tmp_path, config)
+    sets = {name: path.read_text().split("\n")[:-1] for name, path in paths.items()}
+    assert [len(sets[n]) for n in ("train", "val", "test")] == [40, 8, 16]
+    assert not (set(sets["train"]) & set(sets["val"]) or set(sets["train"]) & set(sets["test"]) or set(sets["val"]) & set(sets["test"]))
 
-    prompt = "two red circles"
-    image = render(scene_for(parse_prompt(prompt), np.random.default_rng(0)))
-    scores = judge_scores(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255, [prompt])
-    assert scores.item() == Judge()(image, prompt).score
+
+def test_base_generator_is_the_early_checkpoint_in_the_shipped_latent_space(tmp_path):
+    from safetensors.torch import load_file
+
+    base = load_pipeline(materialise_base(tmp_path))
+    shipped = load_pipeline(EARLY_GENERATOR.parent / "pretrained")
+    early = load_file(str(EARLY_GENERATOR / "transformer" / "diffusion_pytorch_model.safetensors"))
+    name = "transformer_blocks.0.attn.to_q.weight"
+    torch.testing.assert_close(base.transformer.state_dict()[name], early[name].float())
+    assert not torch.equal(base.transformer.state_dict()[name], shipped.transformer.state_dict()[name])
+    for key, value in shipped.vae.state_dict().items():
+        assert torch.equal(base.vae.state_dict()[key], value)
 
 
-def test_experiment_writes_a_table_and_plot_for_every_run(tmp_path):
-    pipe = load_pipeline(SHIPPED_GENERATOR)
-    reward_dir = DiNaLRM(DiNaConfig.from_dict({"model": DEMO_MODEL}), pipe.transformer).save_pretrained(tmp_path / "reward")
-    torch.manual_seed(0)
-    pixel_path = save_pixel_reward(PixelReward(128, 128), tmp_path / "pixel.safetensors")
-    config = ToyAlignmentConfig(budget_s=0.5, eval_every=1, num_eval_prompts=2, prompts_per_step=1)
-    summary = run_alignment_experiment(tmp_path / "alignment", reward_dir, pixel_path, SHIPPED_GENERATOR, config)
-    assert set(summary["runs"]) == set(RUNS)
-    for run in summary["runs"].values():
-        assert run["steps"] >= 1 and run["reward_ms_per_sample"] > 0 and 0 <= run["judge_end"] <= 1
-    table = (tmp_path / "alignment" / "alignment.md").read_text()
+def test_experiment_writes_its_report_for_every_run(tmp_path):
+    config = ToyAlignmentConfig(
+        seeds=[0], data=PreferenceDataConfig(train_prompts=6, test_prompts=4, samples_per_prompt=2, corruptions_per_prompt=1),
+        reward_steps=2, reward_batch_size=4, train_prompts=8, num_val_prompts=2, num_test_prompts=3, eval_every=1,
+        refl={"max_steps": 2, "prompts_per_step": 2, "train_sampling_steps": 4, "refl_stop_range": [2, 4]},
+        grpo={"max_steps": 1, "prompts_per_step": 2, "group_size": 2, "train_sampling_steps": 4, "sde_window_size": 2,
+              "sde_window_range": [0, 3], "global_std": True},
+        eval_sampling_steps=4,
+    )
+    result = run_alignment_experiment(tmp_path, config)
+    assert set(result["runs"]) == set(RUNS)
+    for run in result["runs"].values():
+        assert len(run["test_gain_per_seed"]) == 1 and run["test_gain_ci"][0] <= run["test_gain"] <= run["test_gain_ci"][1]
+        assert 0 <= run["test_judge_base"] <= 1 and run["reward_ms_per_sample"] > 0 and "relation" in run["clauses"]
+    bases = {run["test_judge_base"] for run in result["runs"].values()}
+    assert len(bases) == 1  # every run starts from the same base, scored on the same test prompts and seeds
+    flops = result["flops"]
+    assert flops["dina"]["reward_forward"] < flops["pixel"]["reward_forward"] and flops["dina"]["sampling"] == flops["pixel"]["sampling"]
+    table = (tmp_path / "alignment.md").read_text()
     assert all(name in table for name in RUNS)
-    assert (tmp_path / "alignment" / "alignment.png").stat().st_size > 10_000
-    saved = json.loads((tmp_path / "alignment" / "alignment.json").read_text())
-    assert saved["runs"]["GRPO + judge (upper bound)"]["judge_start"] == summary["runs"]["GRPO + judge (upper bound)"]["judge_start"]
+    assert (tmp_path / "alignment.png").stat().st_size > 10_000 and (tmp_path / "alignment_clauses.png").is_file()
+    assert (tmp_path / "samples_refl_dina-lrm_best.png").is_file()
+    saved = json.loads((tmp_path / "alignment.json").read_text())
+    assert saved["runs"]["GRPO + judge"]["test_gain"] == result["runs"]["GRPO + judge"]["test_gain"]

@@ -1,4 +1,4 @@
-"""Command line: ``dina-lrm score | prepare | train | eval | serve | align | demo | toyworld pretrain | toyworld benchmark``."""
+"""Command line: ``dina-lrm score | prepare | train | eval | serve | align | demo | toyworld pretrain | toyworld align | toyworld benchmark``."""
 
 from __future__ import annotations
 
@@ -152,16 +152,21 @@ def run_serve(args) -> int:
 def run_align(args) -> int:
     from accelerate import PartialState
 
-    from dina_lrm.align.trainer import AlignConfig, align
+    from dina_lrm.align.config import AlignConfig
+    from dina_lrm.align.trainer import align
     from dina_lrm.config import apply_overrides
 
     raw = config_from_args(args, {"out": "out", "max_steps": "max_steps"})
     history = align(AlignConfig.from_dict(apply_overrides(raw, args.set)), resume=args.resume)
     if PartialState().is_main_process:
         first, last = history[0], history[-1]
-        judged = f", judge {first['eval_judge']:.3f} -> {last['eval_judge']:.3f}" if "eval_judge" in last else ""
-        print(f"{last['step']} steps: held-out reward {first['eval_reward']:.3f} -> {last['eval_reward']:.3f}{judged}; "
-              f"LoRA in {Path(raw.get('out', 'align_out')) / 'lora'}")
+        out = Path(raw.get("out", "align_out"))
+        judged = ""
+        if "eval_judge" in last:
+            best = json.loads((out / "summary.json").read_text())["best"]
+            judged = f", judge {first['eval_judge']:.3f} -> {last['eval_judge']:.3f} (best {best['eval_judge']:.3f} at step {best['step']}, in {out / 'best'})"
+        print(f"{last['step']} steps: validation reward {first['eval_reward']:.3f} -> {last['eval_reward']:.3f}{judged}; "
+              f"LoRA in {out / 'lora'}")
     return 0
 
 
@@ -173,6 +178,16 @@ def run_toy_benchmark(args) -> int:
     return 0
 
 
+def run_toy_align(args) -> int:
+    from dina_lrm.config import apply_overrides, from_dict
+    from dina_lrm.toyworld.alignment import ToyAlignmentConfig, run_alignment_experiment
+
+    raw = apply_overrides({k: getattr(args, k) for k in ("seeds", "runs") if getattr(args, k)}, args.set)
+    run_alignment_experiment(args.out, from_dict(ToyAlignmentConfig, raw))
+    print((Path(args.out) / "alignment.md").read_text())
+    return 0
+
+
 def run_demo(args) -> int:
     from dina_lrm.toyworld.demo import DemoConfig
     from dina_lrm.toyworld.demo import run_demo as demo
@@ -180,8 +195,6 @@ def run_demo(args) -> int:
 
     data = {k: getattr(args, k) for k in ("train_prompts", "test_prompts", "flip_rate") if getattr(args, k) is not None}
     demo_options = {"budget_s": args.budget_seconds} if args.budget_seconds is not None else {}
-    if args.align is not None:
-        demo_options["align_budget_s"] = args.align
     config = DemoConfig(data=PreferenceDataConfig(seed=args.seed, **data), seed=args.seed, **demo_options)
     demo(Path(args.out), config, generator_dir=args.generator, from_scratch=args.from_scratch)
     return 0
@@ -190,7 +203,7 @@ def run_demo(args) -> int:
 def run_pretrain(args) -> int:
     from dina_lrm.toyworld.pretrain import PretrainConfig, pretrain
 
-    overrides = {k: getattr(args, k) for k in ("vae_steps", "generator_steps", "dataset_size") if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ("vae_steps", "generator_steps", "dataset_size", "vae_from", "save_dtype") if getattr(args, k) is not None}
     pretrain(Path(args.out), PretrainConfig(seed=args.seed, **overrides))
     print(f"Wrote the toy generator to {args.out} (load it with dina_lrm.scorer.load_pipeline)")
     return 0
@@ -278,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-sequence-length", type=int, help="T5 tokens when the server encodes prompts (default 128)")
     serve.set_defaults(func=run_serve)
 
-    aligner = commands.add_parser("align", help="align a generator's LoRA with a reward: Flow-GRPO or DRaFT-K "
+    aligner = commands.add_parser("align", help="align a generator's LoRA with a reward: Flow-GRPO, ReFL or DRaFT-K "
                                   "(run under `accelerate launch` for several GPUs; see docs/alignment.md)")
     aligner.add_argument("--config", required=True, help="YAML with AlignConfig keys")
     aligner.add_argument("--out", help="output directory (default align_out)")
@@ -295,9 +308,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--train-prompts", type=int, help="(default: PreferenceDataConfig's)")
     demo.add_argument("--test-prompts", type=int, help="(default: PreferenceDataConfig's)")
     demo.add_argument("--flip-rate", type=float, help="share of training labels the noisy rater flips (default 0.2)")
-    demo.add_argument("--align", type=float, nargs="?", const=90.0, metavar="SECONDS",
-                      help="optional last stage: align the generator with DiNa-LRM, the pixel reward and the judge, "
-                           "SECONDS of training each (default 90; about 12 more minutes)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=run_demo)
 
@@ -308,7 +318,17 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--vae-steps", type=int, help="VAE training steps (default: PretrainConfig's)")
     pretrain.add_argument("--generator-steps", type=int, help="generator training steps (default: PretrainConfig's)")
     pretrain.add_argument("--dataset-size", type=int, help="renders the generator trains on (default: PretrainConfig's)")
+    pretrain.add_argument("--vae-from", help="reuse the VAE of this toy pipeline directory instead of training one")
+    pretrain.add_argument("--save-dtype", choices=sorted(DTYPES), help="precision of the saved weights (default float32)")
     pretrain.set_defaults(func=run_pretrain)
+    toy_align = toyworld.add_parser("align", help="the alignment experiment: ReFL and GRPO with DiNa-LRM, the pixel reward and "
+                                    "the judge on the early toy generator, several seeds (see docs/alignment.md)")
+    toy_align.add_argument("--out", default="demo_out/alignment")
+    toy_align.add_argument("--seeds", type=int, nargs="+", help="(default: 0 1 2)")
+    toy_align.add_argument("--runs", nargs="+", metavar="RUN", help="a subset of the runs, by name (default: all five)")
+    toy_align.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                           help="override a ToyAlignmentConfig key, e.g. refl.max_steps=20")
+    toy_align.set_defaults(func=run_toy_align)
     benchmark = toyworld.add_parser("benchmark", help="write a judge-ranked toy benchmark (HPDv2 layout) for `dina-lrm eval`")
     benchmark.add_argument("--out", required=True)
     benchmark.add_argument("--prompts", type=int, default=40)

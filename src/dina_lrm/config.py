@@ -260,7 +260,7 @@ def from_dict(cls: type, raw: Any, where: str = ""):
 
 
 def _typed(hint, value: Any, path: str):
-    """``value`` as a dataclass (also an optional one), or as a dict of dataclasses, where the type hint asks for one."""
+    """``value`` as a dataclass (also an optional one), or as a list or dict of dataclasses, where the type hint asks for one."""
     optional = [arg for arg in typing.get_args(hint) if arg is not type(None)] if typing.get_origin(hint) in (typing.Union, types.UnionType) else []
     if len(optional) == 1 and dataclasses.is_dataclass(optional[0]):
         return None if value is None else from_dict(optional[0], value, path)
@@ -271,6 +271,10 @@ def _typed(hint, value: Any, path: str):
             return float(value)
         except ValueError:
             raise ConfigError(f"{path} must be a number, got {value!r}") from None
+    if typing.get_origin(hint) is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+        if not isinstance(value, list):
+            raise ConfigError(f"{path} must be a list of sections, got {type(value).__name__}")
+        return [from_dict(typing.get_args(hint)[0], item, f"{path}[{i}]") for i, item in enumerate(value)]
     if typing.get_origin(hint) is dict and dataclasses.is_dataclass(typing.get_args(hint)[1]):
         if not isinstance(value, dict):
             raise ConfigError(f"{path} must be a mapping of names to sections, got {type(value).__name__}")

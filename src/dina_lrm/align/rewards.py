@@ -14,13 +14,14 @@ never into the policy being trained.
 Inside dina-lrm's own alignment loop a reward is an :class:`AlignReward`: clean latents and prompts
 in, a (N,) tensor out. :class:`LatentReward` scores the latents directly with DiNa-LRM;
 :class:`DecodedImageReward` decodes them with the generator's VAE and scores the pixels with any
-image reward, which is what a pixel-space reward model costs.
+Flow-GRPO style image reward, which is what a pixel-space reward model costs.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -29,6 +30,7 @@ import torch
 
 from dina_lrm.config import import_object
 from dina_lrm.data.images import vae_decode
+from dina_lrm.models.reward_model import DiNaLRM
 from dina_lrm.scorer import DTYPES, ScoreResult, Scorer
 
 SCALES = ("normalized", "raw")
@@ -124,7 +126,8 @@ def _output(result: ScoreResult, scale: str) -> tuple[np.ndarray, dict]:
 
 class AlignReward(Protocol):
     name: str
-    differentiable: bool  # can DRaFT back-propagate through it?
+    differentiable: bool  # can ReFL / DRaFT back-propagate through it?
+    details: dict[str, np.ndarray]  # per-sample numbers of the last call (e.g. a judge's clauses), averaged in evaluations
 
     def __call__(self, latents: torch.Tensor, prompts: list[str], seed: int) -> torch.Tensor:
         """(N,) scores of clean normalised latents (N, C, h, w); higher is better."""
@@ -132,78 +135,112 @@ class AlignReward(Protocol):
 
 
 class LatentReward:
-    """DiNa-LRM on the clean latents: no VAE decode; differentiable when called with grad enabled."""
+    """DiNa-LRM on the clean latents: no VAE decode; differentiable when called with grad enabled.
+    ``scale``: ``normalized`` ``(raw + 10) / 10`` (what the authors' ReFL optimises) or ``raw``."""
 
     differentiable = True
 
-    def __init__(self, scorer: Scorer, *, u: float = 0.4, n_draws: int = 1, name: str = "DiNa-LRM (latents)"):
-        self.scorer, self.u, self.n_draws, self.name = scorer, u, n_draws, name
+    def __init__(self, scorer: Scorer, *, u: float = 0.4, noise_levels: list[float] | None = None, n_draws: int = 1,
+                 scale: str = "normalized", name: str = "DiNa-LRM (latents)"):
+        _check_scale(scale)
+        self.scorer, self.u, self.noise_levels, self.n_draws, self.scale, self.name = scorer, u, noise_levels, n_draws, scale, name
+        self.details: dict[str, np.ndarray] = {}
         scorer.model.requires_grad_(False)  # gradients flow through the reward to the latents, not into it
 
     def __call__(self, latents: torch.Tensor, prompts: list[str], seed: int) -> torch.Tensor:
-        result = self.scorer.score(prompts, latents=latents, u=self.u, n_draws=self.n_draws, seed=seed, grad=torch.is_grad_enabled())
-        return result.raw
+        result = self.scorer.score(prompts, latents=latents, u=self.u, noise_levels=self.noise_levels, n_draws=self.n_draws, seed=seed,
+                                   grad=torch.is_grad_enabled())
+        return result.normalized if self.scale == "normalized" else result.raw
 
 
-@dataclass
 class DecodedImageReward:
-    """Decode with the generator's VAE, then ``fn(images (N, 3, H, W) in [0, 1], prompts) -> (N,) scores``."""
+    """Decode with the generator's VAE, then score the pixels with a Flow-GRPO style
+    ``fn(images (N, 3, H, W) in [0, 1], prompts, metadata) -> (scores, info)``. ``differentiable``: the
+    function returns torch scores with a graph back to the images (the decode keeps one under grad).
+    Numeric per-sample lists in ``info`` are kept as :attr:`details`."""
 
-    vae: torch.nn.Module
-    fn: Callable[[torch.Tensor, list[str]], torch.Tensor]
-    name: str
-    differentiable: bool = False
+    def __init__(self, vae: torch.nn.Module, fn: Callable, name: str, differentiable: bool = False):
+        self.vae, self.fn, self.name, self.differentiable = vae, fn, name, differentiable
+        self.details: dict[str, np.ndarray] = {}
 
     def __call__(self, latents: torch.Tensor, prompts: list[str], seed: int) -> torch.Tensor:
-        scores = self.fn(vae_decode(self.vae, latents), list(prompts))
+        prompts = list(prompts)
+        scores, info = self.fn(vae_decode(self.vae, latents), prompts, [{} for _ in prompts])
+        self.details = per_sample_details(info, len(prompts))
         return torch.as_tensor(scores, dtype=torch.float32, device=latents.device).reshape(-1)
 
 
-def flow_grpo_image_reward(factory: Callable, vae, device, name: str) -> DecodedImageReward:
-    """A Flow-GRPO style ``factory(device)`` (``fn(images, prompts, metadata) -> (scores, info)``) as an
-    :class:`DecodedImageReward`."""
-    fn = factory(device)
-    return DecodedImageReward(vae, lambda images, prompts: fn(images, prompts, [{} for _ in prompts])[0], name)
+def per_sample_details(info, count: int) -> dict[str, np.ndarray]:
+    """The entries of a reward's ``info`` that hold one number per sample."""
+    details = {}
+    for key, value in (info or {}).items():
+        try:
+            array = np.asarray(value.detach().cpu() if torch.is_tensor(value) else value, dtype=np.float64)
+        except (TypeError, ValueError):
+            continue
+        if array.shape == (count,):
+            details[key] = array
+    return details
 
 
 @dataclass
 class RewardSpec:
     """Which reward to align with (or to judge by).
 
-    kind ``dina``: a DiNa-LRM directory (``path``) scoring latents at ``u`` with ``n_draws``;
-    ``python``: ``target`` = ``module:attr`` or ``file.py:attr``, a Flow-GRPO style image reward factory;
-    ``toy_judge``: the toy world's judge on decoded images; ``toy_pixel``: the toy world's pixel reward
-    model saved at ``path`` (decodes, then scores).
+    kind ``dina``: a DiNa-LRM directory (``path``) scoring the clean latents at ``u`` (or as the ensemble
+    of ``noise_levels``) with ``n_draws`` noise draws, on the ``scale`` asked for. Its backbone is the policy's generator unless ``model``
+    names another; on the policy's own generator it shares the policy's frozen weights (``share_backbone``).
+    kind ``python``: ``target`` = ``module:attr`` or ``file.py:attr``, a Flow-GRPO style image reward
+    ``factory(device)`` (with ``kwargs``, ``target(**kwargs)`` returns the factory); the loop decodes
+    the latents with the generator's VAE first. ``differentiable``: its scores are torch tensors with a
+    graph back to the images, so ReFL and DRaFT can use it.
     """
 
     kind: str = "dina"
     path: str = ""
-    target: str = ""
+    model: str = ""
+    share_backbone: bool = True
     u: float = 0.4
+    noise_levels: list[float] | None = None
     n_draws: int = 1
+    scale: str = "normalized"
+    target: str = ""
+    kwargs: dict = field(default_factory=dict)
+    differentiable: bool = False
+    name: str = ""
 
     def validate(self) -> None:
-        kinds = ("dina", "python", "toy_judge", "toy_pixel")
+        kinds = ("dina", "python")
         if self.kind not in kinds:
-            raise ValueError(f"unknown reward kind {self.kind!r}; choose one of {kinds}")
-        if self.kind in ("dina", "toy_pixel") and not self.path:
-            raise ValueError(f"a {self.kind} reward needs a path")
+            raise ValueError(f"unknown reward kind {self.kind!r}; choose one of {kinds} (a toy-world reward is a python target)")
+        if self.kind == "dina" and not self.path:
+            raise ValueError("a dina reward needs a path (a DiNa-LRM directory)")
         if self.kind == "python" and not self.target:
             raise ValueError("a python reward needs target: module:attr or file.py:attr (a factory(device))")
+        _check_scale(self.scale)
 
 
 def build_reward(spec: RewardSpec, *, generator: str, pipe, device, max_sequence_length: int, dtype: str = "float32") -> AlignReward:
-    """The reward ``spec`` names. ``pipe``: the policy's pipeline, whose VAE decodes for image rewards
-    (a DiNa-LRM loads its own copy of ``generator``, so its LoRA never touches the policy)."""
+    """The reward ``spec`` names. ``pipe``: the policy's pipeline, before its LoRA is added. A DiNa-LRM
+    on the policy's own generator reuses ``pipe``'s weights and text encoders (one copy in memory);
+    its LoRA goes into a weight-sharing copy of the module tree, never into the policy's modules."""
     spec.validate()
-    vae = pipe.vae
     if spec.kind == "dina":
-        scorer = _load(spec.path, generator, device, dtype, max_sequence_length)
-        return LatentReward(scorer, u=spec.u, n_draws=spec.n_draws)
-    if spec.kind == "python":
-        return flow_grpo_image_reward(import_object(spec.target, "reward target"), vae, device, spec.target)
-    from dina_lrm.toyworld import alignment
+        if spec.share_backbone and spec.model in ("", generator):
+            model = DiNaLRM.from_pretrained(spec.path, weight_sharing_copy(pipe.transformer))
+            scorer = Scorer.from_model(model, pipe, max_sequence_length)
+        else:
+            scorer = _load(spec.path, spec.model or generator, device, dtype, max_sequence_length)
+        return LatentReward(scorer, u=spec.u, noise_levels=spec.noise_levels, n_draws=spec.n_draws, scale=spec.scale,
+                            name=spec.name or "DiNa-LRM (latents)")
+    factory = import_object(spec.target, "reward target")
+    if spec.kwargs:
+        factory = factory(**spec.kwargs)
+    return DecodedImageReward(pipe.vae, factory(device), spec.name or spec.target, spec.differentiable)
 
-    if spec.kind == "toy_judge":
-        return DecodedImageReward(vae, alignment.judge_scores, "toy judge")
-    return alignment.pixel_reward(spec.path, pipe, device)
+
+def weight_sharing_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module``'s tree whose parameters and buffers are the original tensors: adapters
+    injected into the copy never touch the original modules, and the weights exist once."""
+    memo = {id(tensor): tensor for tensor in (*module.parameters(), *module.buffers())}
+    return copy.deepcopy(module, memo)

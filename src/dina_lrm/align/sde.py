@@ -9,6 +9,14 @@ reverse SDE with the ODE's marginals takes, from sigma to sigma' < sigma (dt = s
 where ``1 - sigma`` uses the second sigma of the schedule when sigma = 1. ``noise_level = 0`` is the
 Euler ODE step. Log-probabilities are averaged over latent elements, as Flow-GRPO does, so ratios and
 clip ranges do not depend on the latent size.
+
+:func:`cps_step` is the coefficients-preserving sampler (Flow-CPS, Wang & Yu 2025) that Flow-GRPO-Fast
+offers beside it: it re-mixes the predicted clean sample and the predicted noise so the next sample
+keeps exactly the noise level sigma' of the schedule,
+
+    x' = (1 - sigma') x0_hat + sqrt(sigma'^2 - std^2) eps_hat + std eps',   std = sigma' sin(noise_level pi / 2),
+
+with ``x0_hat = x - sigma v`` and ``eps_hat = x + (1 - sigma) v``; ``noise_level = 0`` is again Euler.
 """
 
 from __future__ import annotations
@@ -57,6 +65,35 @@ def sde_step(
         next_sample = mean + std * noise
     log_prob = gaussian_log_prob(next_sample.detach().to(compute), mean, std)
     return SDEStep(next_sample.to(sample.dtype), mean, torch.full((x.shape[0], 1, 1, 1), std, dtype=compute, device=x.device), log_prob)
+
+
+def cps_step(
+    sample: torch.Tensor,
+    velocity: torch.Tensor,
+    sigma: float,
+    sigma_next: float,
+    noise_level: float,
+    *,
+    next_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> SDEStep:
+    """One coefficients-preserving step from ``sigma`` to ``sigma_next``; arguments as :func:`sde_step`.
+    The last step (sigma' = 0) has no noise to add and is deterministic."""
+    if not 0 <= sigma_next < sigma <= 1:
+        raise ValueError(f"sigmas must decrease within [0, 1], got {sigma} -> {sigma_next}")
+    compute = torch.promote_types(sample.dtype, torch.float32)
+    x, v = sample.to(compute), velocity.to(compute)
+    std = sigma_next * math.sin(noise_level * math.pi / 2)
+    clean, noise_estimate = x - sigma * v, x + (1 - sigma) * v
+    mean = (1 - sigma_next) * clean + math.sqrt(max(sigma_next**2 - std**2, 0.0)) * noise_estimate
+    std_tensor = torch.full((x.shape[0], 1, 1, 1), std, dtype=compute, device=x.device)
+    if std == 0:
+        return SDEStep(mean.to(sample.dtype), mean, std_tensor, None)
+    if next_sample is None:
+        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, compute)
+        next_sample = mean + std * noise
+    log_prob = gaussian_log_prob(next_sample.detach().to(compute), mean, std)
+    return SDEStep(next_sample.to(sample.dtype), mean, std_tensor, log_prob)
 
 
 def gaussian_log_prob(value: torch.Tensor, mean: torch.Tensor, std: float) -> torch.Tensor:

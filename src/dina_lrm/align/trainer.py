@@ -1,126 +1,53 @@
 """``dina-lrm align``: preference optimisation of a rectified-flow generator's LoRA against a reward.
 
-Two methods, one loop (accelerate: each process samples its own prompts, gradients are averaged):
+Three methods, one loop (accelerate: each process samples its own prompts, gradients are averaged):
 
-* ``grpo`` (Flow-GRPO): G SDE samples per prompt, rewards normalised within each prompt's group into
-  advantages, PPO-style clipped ratio objective over a fraction of the sampled steps, optional KL to
-  the frozen generator (the LoRA switched off), split into ``updates_per_step`` optimizer steps.
-* ``draft`` (DRaFT-K): ODE samples whose last K steps keep the graph (gradient-checkpointed); the
-  loss is minus the differentiable reward of the clean latent.
+* ``grpo`` (Flow-GRPO, and Flow-GRPO-Fast with ``sde_window_size``): G SDE (or CPS) samples per
+  prompt, rewards normalised per prompt (by the group's or the batch's std) into advantages, several
+  rewards mixed with weights; the PPO-style clipped ratio objective over the noisy steps, optional KL
+  of the SDE means to the frozen generator's, split into ``updates_per_step`` optimizer steps.
+* ``refl`` (the paper's ReFL recipe): ODE without gradient up to a random late stop index, one
+  grad-enabled conditional step, the reward of its clean prediction ``x0_hat`` back-propagated;
+  optional flow-matching "pretrain" loss and L2 to the frozen generator's velocity.
+* ``draft`` (DRaFT-K): ODE samples whose last K steps keep the graph; the loss is minus the reward.
 
-Every ``eval_every`` steps, held-out prompts are sampled with fixed seeds and scored by the reward and
-by an independent judge, so reward hacking shows as the reward rising while the judge does not.
+Every ``eval_every`` steps the validation prompts are sampled with fixed seeds and scored by the reward
+and by an independent judge; the best evaluation by the judge is kept (``best/``), and at the end the
+base generator and the kept checkpoint are both scored on test prompts that never picked anything.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from PIL import Image
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from dina_lrm.align.config import AlignConfig, read_prompts
+from dina_lrm.align.ema import EMA
 from dina_lrm.align.grpo import clipped_policy_loss, group_advantages
-from dina_lrm.align.rewards import RewardSpec, build_reward
-from dina_lrm.align.sampling import Schedule, TextConditioning, predict_velocity, sample_ode, sample_sde
+from dina_lrm.align.guard import JudgeGuard
+from dina_lrm.align.refl import REFL_LOSS_OFFSET, LatentSet, draw_stop_index, flow_matching_loss, predicted_clean
+from dina_lrm.align.rewards import build_reward
+from dina_lrm.align.sampling import Schedule, TextConditioning, initial_noise, predict_velocity, sample_ode, sample_sde
 from dina_lrm.align.sde import gaussian_kl
-from dina_lrm.config import from_dict
 from dina_lrm.data.images import vae_decode
 from dina_lrm.distributed import cpu_only
 from dina_lrm.eval.cost import MemoryMeter
 from dina_lrm.models.sd3_text import SD3PromptEncoder
+from dina_lrm.noise import SigmaTable
 from dina_lrm.scorer import DTYPES, load_pipeline, vae_scale_factor
-
-METHODS = ("grpo", "draft")
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-
-
-@dataclass
-class AlignConfig:
-    method: str = "grpo"  # grpo or draft
-    generator: str = ""  # the policy's pipeline: local directory or hub id
-    reward: RewardSpec = field(default_factory=RewardSpec)
-    judge: RewardSpec | None = None  # independent judge for evaluation (None: the reward only)
-    prompts: str = ""  # a text file with one prompt per line, or toyworld:train
-    eval_prompts: str = ""  # a text file, or toyworld:test
-    num_eval_prompts: int = 16
-    out: str = "align_out"
-    seed: int = 0
-    max_steps: int = 100
-    budget_s: float | None = None  # also stop once training (sampling + reward + update) took this long
-    prompts_per_step: int = 4  # per process
-    group_size: int = 4  # samples per prompt (grpo)
-    train_sampling_steps: int = 10
-    eval_sampling_steps: int = 20
-    resolution: int | None = None  # image side in pixels (default: the transformer's native sample size)
-    guidance_scale: float = 4.0
-    noise_level: float = 0.7  # SDE noise (grpo)
-    timestep_fraction: float = 0.5  # share of the sampled steps trained on (grpo)
-    clip_range: float = 1e-4
-    advantage_clip: float = 5.0
-    kl_coef: float = 0.0
-    updates_per_step: int = 2  # optimizer steps per batch of samples (grpo): later ones see ratios != 1
-    draft_k: int = 1  # steps back-propagated through (draft)
-    learning_rate: float = 1e-4
-    weight_decay: float = 1e-4
-    max_grad_norm: float = 1.0
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-    eval_every: int = 10
-    checkpoint_every: int = 10
-    max_sequence_length: int = 128  # T5 tokens of the prompt embeddings
-    negative_prompt: str = ""
-    dtype: str = "float32"
-    gradient_checkpointing: bool = True  # draft: keep only each back-propagated step's input
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> AlignConfig:
-        config = from_dict(cls, raw)
-        config.validate()
-        return config
-
-    def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown alignment method {self.method!r}; choose one of {METHODS}")
-        if not self.generator or not self.prompts:
-            raise ValueError("align needs a generator and prompts")
-        if self.method == "grpo" and self.group_size < 2:
-            raise ValueError(f"GRPO compares samples within a prompt's group: group_size must be >= 2, got {self.group_size}")
-        if not 0 < self.timestep_fraction <= 1 or self.noise_level <= 0 and self.method == "grpo":
-            raise ValueError("timestep_fraction must be in (0, 1] and noise_level > 0 for grpo")
-        if self.method == "draft" and not 1 <= self.draft_k <= self.train_sampling_steps:
-            raise ValueError(f"draft_k must be between 1 and train_sampling_steps ({self.train_sampling_steps})")
-        if self.lora_rank < 1 or not self.lora_targets:
-            raise ValueError("no trainable parameters: lora_rank must be >= 1 and lora_targets non-empty")
-        if min(self.prompts_per_step, self.max_steps, self.updates_per_step, self.eval_every, self.checkpoint_every) < 1:
-            raise ValueError("prompts_per_step, max_steps, updates_per_step, eval_every and checkpoint_every must be >= 1")
-        self.reward.validate()
-        if self.judge is not None:
-            self.judge.validate()
-
-
-def read_prompts(source: str, count: int | None = None, seed: int = 0) -> list[str]:
-    """Prompts from a text file (one per line) or from the toy world (``toyworld:train`` / ``toyworld:test``)."""
-    if source.startswith("toyworld:"):
-        from dina_lrm.toyworld.scenes import sample_prompts
-
-        return [spec.text for spec in sample_prompts(count or 256, source.split(":", 1)[1], seed)]
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file not found: {path}")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts")
-    return prompts[:count] if count else prompts
 
 
 def latent_shape(transformer, vae, resolution: int | None) -> tuple[int, int, int]:
@@ -141,11 +68,32 @@ class Aligner:
         self.accelerator = Accelerator(cpu=cpu_only())
         device = self.accelerator.device
         self.pipe = (pipe or load_pipeline(config.generator, DTYPES[config.dtype])).to(device)
-        for module in (self.pipe.vae, self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.text_encoder_3):
+        for module in (self.pipe.vae, self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.text_encoder_3, self.pipe.transformer):
             if module is not None:
                 module.requires_grad_(False)
-        transformer = self.pipe.transformer
-        transformer.requires_grad_(False)
+        # the rewards first: a DiNa-LRM on this generator shares its weights, before the policy's LoRA exists
+        kwargs = dict(generator=config.generator, pipe=self.pipe, device=device, max_sequence_length=config.max_sequence_length,
+                      dtype=config.dtype)
+        self.rewards = [build_reward(spec, **kwargs) for spec in config.all_rewards]
+        self.judge = build_reward(config.judge, **kwargs) if config.judge is not None else None
+        self.policy, self.optimizer, trainable = self.add_policy_lora(self.pipe.transformer)
+        self.ema = EMA(trainable, config.ema_decay, config.ema_every) if config.ema_decay else None
+        self.latent_shape = latent_shape(self.pipe.transformer, self.pipe.vae, config.resolution)
+        self.prompt_encoder = SD3PromptEncoder.from_pipeline(self.pipe, max_sequence_length=config.max_sequence_length)
+        self.train_prompts = read_prompts(config.prompts)
+        self.eval_prompts = read_prompts(config.eval_prompts or config.prompts, config.num_eval_prompts)
+        self.test_prompts = read_prompts(config.test_prompts, config.num_test_prompts) if config.test_prompts else []
+        self.train_schedule = Schedule.from_scheduler(self.pipe.scheduler, config.sampling_steps)
+        self.eval_schedule = Schedule.from_scheduler(self.pipe.scheduler, config.eval_sampling_steps)
+        self.latent_set = LatentSet.from_shards(config.pretrain_data) if config.method == "refl" and config.pretrain_weight else None
+        self.sigma_table = SigmaTable.from_scheduler(self.pipe.scheduler)
+        self.out = Path(config.out)
+        self.guard = JudgeGuard(config.early_stop_patience, config.divergence_tolerance)
+        self.step, self.train_seconds, self.train_cpu_seconds, self.history, self.test = 0, 0.0, 0.0, [], {}
+        self.best_lora: dict[str, torch.Tensor] | None = None
+
+    def add_policy_lora(self, transformer):
+        config = self.config
         torch.manual_seed(config.seed)  # the LoRA's initial weights
         transformer.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, init_lora_weights="gaussian",
                                            target_modules=config.lora_targets))
@@ -154,22 +102,14 @@ class Aligner:
             raise ValueError(f"no trainable parameters: lora_targets {config.lora_targets} match no module of the transformer")
         for parameter in trainable:  # the LoRA trains in float32 over a bf16/fp16 generator (PEFT casts its inputs)
             parameter.data = parameter.data.float()
-        self.latent_shape = latent_shape(transformer, self.pipe.vae, config.resolution)
         optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-        self.policy, self.optimizer = self.accelerator.prepare(transformer, optimizer)
-        self.prompt_encoder = SD3PromptEncoder.from_pipeline(self.pipe, max_sequence_length=config.max_sequence_length)
-        kwargs = dict(generator=config.generator, pipe=self.pipe, device=device, max_sequence_length=config.max_sequence_length,
-                      dtype=config.dtype)
-        self.reward = build_reward(config.reward, **kwargs)
-        self.judge = build_reward(config.judge, **kwargs) if config.judge is not None else None
-        if config.method == "draft" and not self.reward.differentiable:
-            raise ValueError(f"DRaFT back-propagates through the reward, but {self.reward.name} is not differentiable; use grpo")
-        self.train_prompts = read_prompts(config.prompts, seed=config.seed)
-        self.eval_prompts = read_prompts(config.eval_prompts or config.prompts, config.num_eval_prompts, seed=config.seed + 1)
-        self.train_schedule = Schedule.from_scheduler(self.pipe.scheduler, config.train_sampling_steps)
-        self.eval_schedule = Schedule.from_scheduler(self.pipe.scheduler, config.eval_sampling_steps)
-        self.out = Path(config.out)
-        self.step, self.train_seconds, self.history = 0, 0.0, []
+        policy, optimizer = self.accelerator.prepare(transformer, optimizer)
+        return policy, optimizer, trainable
+
+    @property
+    def reward(self):
+        """The reward being optimised (the first of ``rewards``)."""
+        return self.rewards[0]
 
     # Text -------------------------------------------------------------------------------------
 
@@ -188,15 +128,40 @@ class Aligner:
         index = torch.randint(len(self.train_prompts), (self.config.prompts_per_step,), generator=generator)
         return [self.train_prompts[i] for i in index.tolist()]
 
+    @staticmethod
+    def reward_seed(generator: torch.Generator) -> int:
+        return int(torch.randint(2**31, (1,), generator=generator))
+
     # One step ---------------------------------------------------------------------------------
 
     def train_step(self) -> dict:
         generator = self.step_generator()
         prompts = self.step_prompts(generator)
         timings: dict[str, float] = {}
+        method = {"grpo": self.grpo_step, "refl": self.refl_step, "draft": self.draft_step}[self.config.method]
         with MemoryMeter(self.accelerator.device) as memory:
-            stats = self.grpo_step(prompts, generator, timings) if self.config.method == "grpo" else self.draft_step(prompts, generator, timings)
+            stats = method(prompts, generator, timings)
+        if self.ema is not None:
+            self.ema.update(self.step + 1)
         stats.update({f"time_{k}_s": v for k, v in timings.items()}, peak_memory_mib=memory.peak_mib)
+        return stats
+
+    def score_all(self, latents: torch.Tensor, prompts: list[str], seed: int) -> list[torch.Tensor]:
+        """Every reward's scores (a reward of weight 0 only logged, without a graph); NaN or inf is refused
+        with the reward's name."""
+        scores = []
+        for reward, weight in zip(self.rewards, self.config.reward_weights):
+            with torch.no_grad() if not weight else nullcontext():
+                values = reward(latents, prompts, seed=seed)
+            if not torch.isfinite(values.detach()).all():
+                raise ValueError(f"the reward {reward.name} returned NaN or inf")
+            scores.append(values)
+        return scores
+
+    def reward_stats(self, scores: list[torch.Tensor]) -> dict:
+        stats = {"samples": len(scores[0]), "reward_mean": float(scores[0].detach().mean()),
+                 "reward_std": float(scores[0].detach().std()) if len(scores[0]) > 1 else 0.0}
+        stats.update({f"reward_mean/{reward.name}": float(values.detach().mean()) for reward, values in zip(self.rewards[1:], scores[1:])})
         return stats
 
     def grpo_step(self, prompts: list[str], generator: torch.Generator, timings: dict) -> dict:
@@ -206,16 +171,20 @@ class Aligner:
         text = self.conditioning(prompts).repeat(group)
         start = time.perf_counter()
         self.policy.eval()
-        trajectory = sample_sde(self.policy, schedule, text, self.latent_shape, config.guidance_scale, config.noise_level, generator)
+        shared = None
+        if config.same_initial_noise:  # a group's samples then differ only by the noise the policy's steps draw
+            shared = initial_noise(len(prompts), self.latent_shape, generator, text.states.device).repeat_interleave(group, dim=0)
+        trajectory = sample_sde(self.policy, schedule, text, self.latent_shape, config.guidance_scale, config.noise_level, generator,
+                                config.sde_type, self.noisy_steps(generator), start=shared)
         timings["sampling"] = time.perf_counter() - start
         start = time.perf_counter()
         with torch.no_grad():
-            rewards = self.reward(trajectory.final, expanded, seed=int(torch.randint(2**31, (1,), generator=generator)))
-        advantages = group_advantages(rewards.float().cpu(), group, config.advantage_clip).to(trajectory.final.device)
+            scores = self.score_all(trajectory.final, expanded, self.reward_seed(generator))
+        advantages = group_advantages([s.float().cpu() for s in scores], group, config.reward_weights, config.advantage_clip,
+                                      config.global_std).to(trajectory.final.device)
         timings["reward"] = time.perf_counter() - start
         start = time.perf_counter()
-        trained = max(1, round(config.timestep_fraction * schedule.num_steps))
-        steps = torch.randperm(schedule.num_steps, generator=generator)[:trained].tolist()
+        steps = self.trained_steps(trajectory.noisy_steps, generator)
         order = torch.randperm(len(expanded), generator=generator)
         losses, clip_fractions, kls = [], [], []
         self.policy.train()
@@ -230,20 +199,36 @@ class Aligner:
                 kls.append(float(kl))
             self.clip_and_step()
         timings["update"] = time.perf_counter() - start
-        return {"samples": len(expanded), "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()), "loss": sum(losses) / len(losses),
-                "clip_fraction": sum(clip_fractions) / len(clip_fractions), "kl": sum(kls) / len(kls)}
+        return {**self.reward_stats(scores), "loss": sum(losses) / len(losses), "clip_fraction": sum(clip_fractions) / len(clip_fractions),
+                "kl": sum(kls) / len(kls), "advantage_abs_mean": float(advantages.abs().mean())}
+
+    def noisy_steps(self, generator: torch.Generator) -> list[int] | None:
+        """Flow-GRPO-Fast: a window of ``sde_window_size`` steps placed at random within the range; None: every step."""
+        size = self.config.sde_window_size
+        if not size:
+            return None
+        first, end = self.config.noise_window
+        start = int(torch.randint(first, end - size + 1, (1,), generator=generator))
+        return list(range(start, start + size))
+
+    def trained_steps(self, noisy_steps: list[int], generator: torch.Generator) -> list[int]:
+        """All noisy steps of a window; without one, a random ``timestep_fraction`` of them."""
+        if self.config.sde_window_size:
+            return list(noisy_steps)
+        trained = max(1, round(self.config.timestep_fraction * len(noisy_steps)))
+        return [noisy_steps[i] for i in torch.randperm(len(noisy_steps), generator=generator)[:trained].tolist()]
 
     def grpo_loss(self, trajectory, i: int, minibatch: torch.Tensor, text: TextConditioning, advantages: torch.Tensor):
         config, schedule = self.config, self.train_schedule
         sample, next_sample = trajectory.latents[i][minibatch], trajectory.latents[i + 1][minibatch]
         velocity = predict_velocity(self.policy, sample, schedule.timesteps[i], text, config.guidance_scale)
-        step = schedule.step(i, sample, velocity, config.noise_level, next_sample=next_sample)
+        step = schedule.step(i, sample, velocity, config.noise_level, config.sde_type, next_sample=next_sample)
         loss, clip_fraction = clipped_policy_loss(step.log_prob, trajectory.log_probs[i][minibatch], advantages, config.clip_range)
         kl = torch.zeros(())
         if config.kl_coef > 0:
             with torch.no_grad(), self.reference_policy():
                 reference = predict_velocity(self.policy, sample, schedule.timesteps[i], text, config.guidance_scale)
-                reference_mean = schedule.step(i, sample, reference, config.noise_level, next_sample=next_sample).mean
+                reference_mean = schedule.step(i, sample, reference, config.noise_level, config.sde_type, next_sample=next_sample).mean
             kl = gaussian_kl(step.mean, reference_mean, step.std).mean()
             loss = loss + config.kl_coef * kl
         return loss, clip_fraction, kl.detach()
@@ -258,6 +243,50 @@ class Aligner:
         finally:
             model.enable_adapters()
 
+    def refl_step(self, prompts: list[str], generator: torch.Generator, timings: dict) -> dict:
+        config, schedule = self.config, self.train_schedule
+        text = self.conditioning(prompts)
+        stop = draw_stop_index(config.stop_window, generator)
+        start = time.perf_counter()
+        self.policy.eval()
+        with torch.no_grad():
+            latents = sample_ode(self.policy, schedule, text, self.latent_shape, config.guidance_scale, generator, stop=stop)
+        timings["sampling"] = time.perf_counter() - start
+        start = time.perf_counter()
+        self.policy.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        velocity = predict_velocity(self.policy, latents, schedule.timesteps[stop], text, guidance_scale=1.0)
+        clean = predicted_clean(latents, velocity, float(schedule.sigmas[stop]))
+        timings["policy_forward"] = time.perf_counter() - start
+        start = time.perf_counter()
+        scores = self.score_all(clean, prompts, self.reward_seed(generator))
+        timings["reward"] = time.perf_counter() - start
+        start = time.perf_counter()
+        refl = sum(w * (REFL_LOSS_OFFSET - s).mean() for w, s in zip(config.reward_weights, scores) if w)
+        loss, stats = self.regularised(refl, latents, velocity, schedule.timesteps[stop], text, generator)
+        self.accelerator.backward(loss)
+        self.clip_and_step()
+        timings["update"] = time.perf_counter() - start
+        return {**self.reward_stats(scores), **stats, "loss": float(loss.detach()), "stop_index": stop, "clip_fraction": 0.0}
+
+    def regularised(self, loss: torch.Tensor, latents, velocity, timestep, text: TextConditioning, generator) -> tuple[torch.Tensor, dict]:
+        """Add the L2 to the frozen generator's velocity (``kl_coef``) and mix in the flow-matching loss
+        as ``(L + lambda L_pt) / (1 + lambda)``."""
+        config, stats = self.config, {"kl": 0.0}
+        if config.kl_coef > 0:
+            with torch.no_grad(), self.reference_policy():
+                reference = predict_velocity(self.policy, latents, timestep, text, guidance_scale=1.0)
+            drift = (velocity - reference).pow(2).mean()
+            loss = loss + config.kl_coef * drift
+            stats["kl"] = float(drift.detach())
+        if self.latent_set is not None:
+            batch, batch_prompts = self.latent_set.batch(config.pretrain_batch_size, generator)
+            states, pooled = self.prompt_encoder(batch_prompts)
+            pretrain = flow_matching_loss(self.policy, batch.to(latents.device), states, pooled, self.sigma_table, generator)
+            loss = (loss + config.pretrain_weight * pretrain) / (1 + config.pretrain_weight)
+            stats["pretrain_loss"] = float(pretrain.detach())
+        return loss, stats
+
     def draft_step(self, prompts: list[str], generator: torch.Generator, timings: dict) -> dict:
         config = self.config
         start = time.perf_counter()
@@ -268,18 +297,14 @@ class Aligner:
                              grad_last_k=config.draft_k, checkpointed=config.gradient_checkpointing)
         timings["sampling"] = time.perf_counter() - start
         start = time.perf_counter()
-        rewards = self.reward(latents, prompts, seed=int(torch.randint(2**31, (1,), generator=generator)))
-        if not torch.isfinite(rewards).all():
-            raise ValueError(f"the reward {self.reward.name} returned NaN or inf")
+        scores = self.score_all(latents, prompts, self.reward_seed(generator))
         timings["reward"] = time.perf_counter() - start
         start = time.perf_counter()
-        loss = -rewards.mean()
+        loss = -sum(w * s.mean() for w, s in zip(config.reward_weights, scores) if w)
         self.accelerator.backward(loss)
         self.clip_and_step()
         timings["update"] = time.perf_counter() - start
-        rewards = rewards.detach()
-        return {"samples": len(prompts), "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-                "loss": float(loss), "clip_fraction": 0.0, "kl": 0.0}
+        return {**self.reward_stats(scores), "loss": float(loss.detach()), "clip_fraction": 0.0, "kl": 0.0}
 
     def clip_and_step(self) -> None:
         parameters = [p for p in self.policy.parameters() if p.requires_grad]
@@ -288,38 +313,88 @@ class Aligner:
 
     # Evaluation -------------------------------------------------------------------------------
 
+    def evaluated_weights(self):
+        """The weights evaluations and saves use: the EMA's when there is one."""
+        return self.ema.applied() if self.ema is not None else nullcontext()
+
     @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Held-out prompts, fixed seeds, ODE sampling with the evaluation step count."""
+    def score_prompts(self, prompts: list[str], seed: int, grid: Path | None = None) -> dict[str, np.ndarray]:
+        """Per prompt (one ODE sample each, fixed seeds, split over processes): the reward, the judge
+        and the judge's details, as arrays in ``prompts`` order."""
         config, state = self.config, self.accelerator
-        prompts = self.eval_prompts[state.process_index :: state.num_processes]
+        local = list(range(state.process_index, len(prompts), state.num_processes))
         self.policy.eval()
-        generator = torch.Generator().manual_seed(config.seed + 12345 + state.process_index)
-        latents = sample_ode(self.policy, self.eval_schedule, self.conditioning(prompts), self.latent_shape, config.guidance_scale, generator)
-        if state.is_main_process:
-            save_sample_grid(self.pipe.vae, latents[:16], self.out / "samples" / f"step_{self.step:06d}.png")
-        result = {"eval_reward": self.reward(latents, prompts, seed=config.seed)}
+        generator = torch.Generator().manual_seed(seed + state.process_index)
+        latents = sample_ode(self.policy, self.eval_schedule, self.conditioning([prompts[i] for i in local]), self.latent_shape,
+                             config.guidance_scale, generator)
+        if grid is not None and state.is_main_process:
+            save_sample_grid(self.pipe.vae, latents[:16], grid)
+        local_prompts = [prompts[i] for i in local]
+        values = {"reward": self.reward(latents, local_prompts, seed=config.seed).float().cpu().numpy()}
         if self.judge is not None:
-            result["eval_judge"] = self.judge(latents, prompts, seed=config.seed)
-        means = {}
-        for name, values in result.items():  # the mean over all processes' prompts
-            total = state.reduce(torch.tensor([float(values.float().sum()), float(len(values))], device=state.device), "sum")
-            means[name] = float(total[0] / total[1])
-        return means
+            values["judge"] = self.judge(latents, local_prompts, seed=config.seed).float().cpu().numpy()
+            values.update({f"judge/{k}": v for k, v in self.judge.details.items()})
+        rows = gather_object([(i, {k: float(v[n]) for k, v in values.items()}) for n, i in enumerate(local)])
+        rows = [row for _, row in sorted(rows, key=lambda item: item[0])]
+        return {key: np.array([row[key] for row in rows]) for key in rows[0]}
+
+    def evaluate(self) -> dict:
+        """Validation means: ``eval_reward``, ``eval_judge`` and ``eval_judge/<detail>``."""
+        with self.evaluated_weights():
+            values = self.score_prompts(self.eval_prompts, self.config.seed + 12345, self.out / "samples" / f"step_{self.step:06d}.png")
+        return {f"eval_{key}": float(np.nanmean(array)) for key, array in values.items() if np.isfinite(array).any()}
+
+    def evaluate_test(self, name: str) -> None:
+        """Score the current weights on the test prompts as ``self.test[name]`` (per prompt)."""
+        if self.test_prompts:
+            grid = self.out / "samples" / f"test_{name}.png"
+            values = self.score_prompts(self.test_prompts, self.config.seed + 54321, grid)
+            self.test[name] = {key: [x if np.isfinite(x) else None for x in array.tolist()] for key, array in values.items()}
 
     # Checkpoints ------------------------------------------------------------------------------
 
     def lora_state(self) -> dict[str, torch.Tensor]:
         state = get_peft_model_state_dict(self.accelerator.unwrap_model(self.policy))
-        return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        return {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
 
-    def save_checkpoint(self) -> Path | None:
+    def load_lora_state(self, state: dict[str, torch.Tensor], origin: Path) -> None:
+        result = set_peft_model_state_dict(self.accelerator.unwrap_model(self.policy), state)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"{origin}: LoRA weights do not fit this generator ({result.unexpected_keys[:3]} ...)")
+
+    @contextmanager
+    def lora_weights(self, state: dict[str, torch.Tensor]):
+        """``state`` in place of the current LoRA weights, restored afterwards."""
+        current = self.lora_state()
+        self.load_lora_state(state, Path("best"))
+        try:
+            yield
+        finally:
+            self.load_lora_state(current, Path("current"))
+
+    def keep_if_best(self, record: dict) -> None:
+        """Let the guard see an evaluation; the best one's (evaluated) weights are kept in ``best/``."""
+        if "eval_judge" not in record or not self.guard.observe(record["step"], record["eval_reward"], record["eval_judge"]):
+            return
+        with self.evaluated_weights():
+            self.best_lora = self.lora_state()
+        if self.accelerator.is_main_process:
+            (self.out / "best").mkdir(parents=True, exist_ok=True)
+            save_file(self.best_lora, str(self.out / "best" / "lora.safetensors"))
+            (self.out / "best" / "step.json").write_text(json.dumps({"step": record["step"], "eval_judge": record["eval_judge"]}))
+
+    def save_checkpoint(self) -> Path:
         directory = self.out / "checkpoints" / f"step_{self.step:06d}"
         if self.accelerator.is_main_process:
             directory.mkdir(parents=True, exist_ok=True)
             save_file(self.lora_state(), str(directory / "lora.safetensors"))
+            if self.best_lora is not None:
+                save_file(self.best_lora, str(directory / "best_lora.safetensors"))
+            if self.ema is not None:
+                save_file(self.ema.state_dict(), str(directory / "ema.safetensors"))
             torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
-            state = {"step": self.step, "train_seconds": self.train_seconds, "history": self.history, "config": asdict(self.config)}
+            state = {"step": self.step, "train_seconds": self.train_seconds, "train_cpu_seconds": self.train_cpu_seconds,
+                     "history": self.history, "test": self.test, "config": asdict(self.config)}
             (directory / "trainer_state.json").write_text(json.dumps(state, indent=1))
         self.accelerator.wait_for_everyone()
         return directory
@@ -334,62 +409,87 @@ class Aligner:
         if not (directory / "trainer_state.json").is_file():
             raise FileNotFoundError(f"not an alignment checkpoint: {directory} (no trainer_state.json)")
         state = json.loads((directory / "trainer_state.json").read_text())
-        result = set_peft_model_state_dict(self.accelerator.unwrap_model(self.policy), load_file(str(directory / "lora.safetensors")))
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"{directory}: LoRA weights do not fit this generator ({result.unexpected_keys[:3]} ...)")
+        self.load_lora_state(load_file(str(directory / "lora.safetensors")), directory)
+        if (directory / "best_lora.safetensors").is_file():
+            self.best_lora = load_file(str(directory / "best_lora.safetensors"))
+        if self.ema is not None:
+            self.ema.load_state_dict(load_file(str(directory / "ema.safetensors")))
         self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
-        self.step, self.train_seconds, self.history = state["step"], state["train_seconds"], state["history"]
+        self.step, self.history, self.test = state["step"], state["history"], state["test"]
+        self.train_seconds, self.train_cpu_seconds = state["train_seconds"], state["train_cpu_seconds"]
+        self.guard = JudgeGuard.from_history(self.history, self.config.early_stop_patience, self.config.divergence_tolerance)
         if self.accelerator.is_main_process:  # the log restarts from the checkpoint, as the run does
             (self.out / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in self.history))
 
     # The loop ---------------------------------------------------------------------------------
 
     def run(self, resume: str | Path | None = None) -> list[dict]:
-        """Train until max_steps (or budget_s of training time); returns the logged history."""
+        """Train for max_steps (or until the judge stops improving); returns the logged history."""
         config = self.config
         if resume:
             self.resume(resume)
         if self.accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
         if not self.history:
-            self.log({"step": 0, "train_seconds": 0.0, **self.evaluate()})
-        progress = tqdm(total=config.max_steps if config.budget_s is None else None, initial=self.step, desc=f"align ({config.method})",
-                        disable=not self.accelerator.is_main_process)
-        while self.step < config.max_steps and (config.budget_s is None or self.train_seconds < config.budget_s):
-            start = time.perf_counter()
+            self.evaluate_test("base")
+            self.log_evaluated({"step": 0, "train_seconds": 0.0, "train_cpu_seconds": 0.0, **self.evaluate()})
+        progress = tqdm(total=config.max_steps, initial=self.step, desc=f"align ({config.method})", disable=not self.accelerator.is_main_process)
+        while self.step < config.max_steps and not self.guard.should_stop:
+            wall, cpu = time.perf_counter(), time.process_time()
             stats = self.train_step()
-            self.train_seconds += time.perf_counter() - start
+            self.train_seconds += time.perf_counter() - wall
+            self.train_cpu_seconds += time.process_time() - cpu
             self.step += 1
-            record = {"step": self.step, "train_seconds": self.train_seconds, **stats}
+            record = {"step": self.step, "train_seconds": self.train_seconds, "train_cpu_seconds": self.train_cpu_seconds, **stats}
             if self.step % config.eval_every == 0 or self.step == config.max_steps:
                 record.update(self.evaluate())
-            self.log(record)
+            self.log_evaluated(record)
             progress.update(1)
             progress.set_postfix(reward=f"{stats['reward_mean']:.3f}", **({"judge": f"{record['eval_judge']:.3f}"} if "eval_judge" in record else {}))
             if self.step % config.checkpoint_every == 0:
                 self.save_checkpoint()
         progress.close()
-        if "eval_reward" not in self.history[-1]:
-            self.history[-1].update(self.evaluate())
-        self.save_final()
+        self.finish()
         return self.history
 
-    def log(self, record: dict) -> None:
+    def log_evaluated(self, record: dict) -> None:
         self.history.append(record)
+        self.keep_if_best(record)
         if self.accelerator.is_main_process:
             with (self.out / "metrics.jsonl").open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
 
-    def save_final(self) -> None:
+    def finish(self) -> None:
+        """Score the final and the kept weights on the test prompts; write the final LoRA and ``summary.json``."""
+        with self.evaluated_weights():
+            self.evaluate_test("final")
+            final = self.lora_state()
+        if self.best_lora is not None:
+            with self.lora_weights(self.best_lora):
+                self.evaluate_test("best")
         if self.accelerator.is_main_process:
             (self.out / "lora").mkdir(parents=True, exist_ok=True)
-            save_file(self.lora_state(), str(self.out / "lora" / "lora.safetensors"))
+            save_file(final, str(self.out / "lora" / "lora.safetensors"))
             (self.out / "history.json").write_text(json.dumps(self.history, indent=1))
+            (self.out / "summary.json").write_text(json.dumps(self.summary(), indent=1))
         self.accelerator.wait_for_everyone()
+
+    def summary(self) -> dict:
+        best = self.guard.best
+        return {
+            "steps": self.step,
+            "train_seconds": self.train_seconds,
+            "train_cpu_seconds": self.train_cpu_seconds,
+            "best": {"step": best.step, "eval_judge": best.judge, "eval_reward": best.reward} if best else None,
+            "divergence_step": self.guard.divergence_step(),
+            "stopped_early": self.step < self.config.max_steps,
+            "test_prompts": self.test_prompts,
+            "test": self.test,
+        }
 
 
 def save_sample_grid(vae, latents: torch.Tensor, path: Path, columns: int = 8) -> Path:
-    """Decoded held-out samples as one PNG, ``columns`` per row."""
+    """Decoded samples as one PNG, ``columns`` per row."""
     images = (vae_decode(vae, latents) * 255).round().to(torch.uint8).cpu()
     rows = -(-len(images) // columns)
     height, width = images.shape[-2:]

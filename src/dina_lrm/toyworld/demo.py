@@ -31,7 +31,6 @@ from dina_lrm.models.reward_model import DiNaLRM
 from dina_lrm.models.sd3_text import SD3PromptEncoder
 from dina_lrm.noise import NoiseSampler, SigmaTable
 from dina_lrm.scorer import Scorer, load_pipeline
-from dina_lrm.toyworld.alignment import ToyAlignmentConfig, run_alignment_experiment, save_pixel_reward
 from dina_lrm.toyworld.benchmark import write_toy_benchmark
 from dina_lrm.toyworld.generator import T5_TOKENS
 from dina_lrm.toyworld.judge import Judge
@@ -45,6 +44,7 @@ from dina_lrm.toyworld.preferences import (
 )
 from dina_lrm.toyworld.pretrain import PretrainConfig, pretrain, reconstruction_psnr
 from dina_lrm.toyworld.report import write_report
+from dina_lrm.toyworld.rewards import save_pixel_reward
 from dina_lrm.toyworld.scenes import render, sample_prompts, scene_for
 from dina_lrm.train.pairs import FitConfig, PairBatches, fit_pairs
 from dina_lrm.train.step import preference_step
@@ -74,7 +74,6 @@ class DemoConfig:
     eval_every_s: float = 30.0
     ensemble_levels: tuple[float, ...] = (0.2, 0.4, 0.6)
     benchmark_prompts: int = 100  # the judge-ranked benchmark `dina-lrm eval` runs on at the end
-    align_budget_s: float | None = None  # optional stage: align the generator with each reward for this long
     seed: int = 0
 
 
@@ -206,16 +205,6 @@ def train_pixel(pipe, prompt_encoder, batches: PairBatches, monitor: PairTable, 
     return model.eval(), history
 
 
-def train_pixel_from_shards(shards: Path, config: DemoConfig) -> PixelReward:
-    """The demo's pixel reward, trained again from its shards (for the alignment benchmark)."""
-    pipe = load_pipeline(SHIPPED_GENERATOR)
-    prompt_encoder = SD3PromptEncoder.from_pipeline(pipe, max_sequence_length=T5_TOKENS)
-    train_pairs, test_pairs = load_preference_shards(shards / "train"), load_preference_shards(shards / "test")
-    monitor = subset(test_pairs, range(min(config.monitor_pairs, len(test_pairs))))
-    batches = PairBatches(train_pairs, prompt_encoder, config.batch_size, config.seed)
-    return train_pixel(pipe, prompt_encoder, batches, monitor, config)[0]
-
-
 def load_generator(out: Path, generator_dir: Path | None, from_scratch: bool, seed: int):
     if from_scratch:
         generator_dir = out / "generator"
@@ -253,7 +242,7 @@ def run_demo(
         pixel_model, histories[PIXEL_METHOD] = train_pixel(pipe, prompt_encoder, batches, monitor, config)
     with timed(timings, "evaluate"):
         reward_dir = models["DiNa-LRM (Thurstone)"].save_pretrained(out / "reward_model")
-        pixel_path = save_pixel_reward(pixel_model, out / "pixel_reward.safetensors")
+        save_pixel_reward(pixel_model, out / "pixel_reward.safetensors")
         reloaded = Scorer.from_pretrained(reward_dir, generator_dir, max_sequence_length=T5_TOKENS)
         results = evaluate_methods(models, reloaded, pixel_model, pipe, prompt_encoder, test_pairs, config)
     with timed(timings, "benchmark eval"):
@@ -261,10 +250,6 @@ def run_demo(
         eval_config = EvalConfig(format="hpdv2", input=str(benchmark), out=str(out / "eval"), reward=str(reward_dir),
                                  model=str(generator_dir), max_sequence_length=T5_TOKENS, seed=config.seed)
         benchmark_eval = evaluate(eval_config, pipe=pipe)
-    if config.align_budget_s:
-        with timed(timings, "alignment"):
-            alignment = run_alignment_experiment(out / "alignment", reward_dir, pixel_path, generator_dir,
-                                                 ToyAlignmentConfig(budget_s=config.align_budget_s, seed=config.seed))
     summary = {
         "config": asdict(config),
         "generator": str(generator_dir),
@@ -280,15 +265,11 @@ def run_demo(
         "histories": histories,
         "timings_s": timings,
     }
-    if config.align_budget_s:
-        summary["alignment"] = alignment["runs"]
     with timed(timings, "report"):
         report = write_report(out, summary, data["samples"], reloaded)
     summary["timings_s"] = timings
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(report)
-    if config.align_budget_s:
-        print((out / "alignment" / "alignment.md").read_text())
     print(f"Wrote {out / 'report.md'}. Score latents or images with the saved reward model:\n"
           f"  dina-lrm score --reward {reward_dir} --model {generator_dir} --max-sequence-length {T5_TOKENS} --prompt 'two red circles' IMAGE.png --u 0.4")
     return summary

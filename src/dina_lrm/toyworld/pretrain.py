@@ -1,7 +1,8 @@
 """``dina-lrm toyworld pretrain``: train the toy generator from scratch on renders of train prompts.
 
 1. the VAE, on random 32x32 crops of renders (a third of them with a quality defect, so defective
-   images encode too), with an L1 + tiny KL loss; its latent shift/scale are then calibrated;
+   images encode too), with an L1 + tiny KL loss; its latent shift/scale are then calibrated (or,
+   with ``vae_from``, an already trained toy VAE is reused: a generator in the same latent space);
 2. the transformer and both text encoders together, by rectified flow (SD3's objective and
    logit-normal timesteps) on the VAE latents, with 10% of prompts dropped for classifier-free
    guidance. An exponential moving average of the weights is what gets saved (it samples cleaner
@@ -18,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import StableDiffusion3Pipeline
+from diffusers import AutoencoderKL, StableDiffusion3Pipeline
 from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
 from dina_lrm.models.sd3_text import SD3PromptEncoder
+from dina_lrm.scorer import DTYPES
 from dina_lrm.toyworld.corruptions import DEFECTS, add_defect
 from dina_lrm.toyworld.generator import (
     T5_TOKENS,
@@ -54,6 +56,8 @@ class PretrainConfig:
     warmup_steps: int = 200
     cfg_dropout: float = 0.1
     ema_decay: float = 0.999
+    vae_from: str = ""  # a toy pipeline directory whose trained VAE is reused (stage 1 is skipped)
+    save_dtype: str = "float32"  # float16 halves the files (the shipped early generator)
     generator: ToyGeneratorConfig = field(default_factory=ToyGeneratorConfig)
 
 
@@ -159,18 +163,22 @@ def pretrain(out_dir: str | Path, config: PretrainConfig | None = None) -> Stabl
     rng = np.random.default_rng(config.seed)
     pipe = build_toy_pipeline(config.generator, seed=config.seed)
     started = time.perf_counter()
-    vae_losses = train_vae(pipe, config, rng)
+    if config.vae_from:
+        pipe.vae = AutoencoderKL.from_pretrained(str(Path(config.vae_from) / "vae")).eval().requires_grad_(False)
+        vae_losses = []
+    else:
+        vae_losses = train_vae(pipe, config, rng)
     vae_seconds = time.perf_counter() - started
     prompts, images = render_training_images(config.dataset_size, rng)
     latents = encode_latents(pipe.vae, images_to_tensor(images))
     generator_losses = train_generator(pipe, prompts, latents, config)
     out_dir = Path(out_dir)
-    pipe.save_pretrained(str(out_dir))
+    pipe.to(DTYPES[config.save_dtype]).save_pretrained(str(out_dir))
     record = {
         "config": asdict(config),
         "vae_seconds": round(vae_seconds, 1),
         "generator_seconds": round(time.perf_counter() - started - vae_seconds, 1),
-        "vae_final_loss": float(np.mean(vae_losses[-50:])),
+        "vae_final_loss": float(np.mean(vae_losses[-50:])) if vae_losses else None,
         "generator_final_loss": float(np.mean(generator_losses[-100:])),
         "torch": torch.__version__,
     }

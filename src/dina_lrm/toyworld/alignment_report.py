@@ -1,0 +1,156 @@
+"""``alignment.md`` and its plots for the toy-world alignment experiment."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+PAPER_COST = [  # the paper's ReFL cost per step on SD3.5-M at 1024^2 (spec/paper-results.md)
+    ("peak GPU memory", "80.4 GB", "39.1 GB", "51.4 %"),
+    ("reward forward", "~11 TFLOPs", "~3 TFLOPs", "~71 %"),
+    ("update (backward)", "~34 TFLOPs", "~18 TFLOPs", "~46 %"),
+    ("sampling", "~209.5 TFLOPs", "~209.5 TFLOPs", "same"),
+]
+
+
+def validation_curve(histories: list[list[dict]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean over seeds at each evaluation: (steps, training CPU-seconds, validation judge gain over step 0)."""
+    per_seed = [[r for r in history if "eval_judge" in r] for history in histories]
+    count = min(len(evals) for evals in per_seed)
+    steps = np.array([per_seed[0][i]["step"] for i in range(count)])
+    seconds = np.mean([[evals[i]["train_cpu_seconds"] for i in range(count)] for evals in per_seed], axis=0)
+    gains = np.mean([[evals[i]["eval_judge"] - evals[0]["eval_judge"] for i in range(count)] for evals in per_seed], axis=0)
+    return steps, seconds, gains
+
+
+def efficiency(histories: dict, method: str) -> dict | None:
+    """CPU-seconds DiNa-LRM needs to reach the pixel reward's final validation judge gain, as a share of
+    the pixel reward's CPU-seconds (the paper: DiNa-LRM passes HPSv3's final score at ~30% of its steps)."""
+    dina, pixel = f"{method} + DiNa-LRM", f"{method} + pixel reward"
+    if dina not in histories or pixel not in histories:
+        return None
+    _, pixel_seconds, pixel_gains = validation_curve(histories[pixel])
+    steps, dina_seconds, dina_gains = validation_curve(histories[dina])
+    target = float(pixel_gains[-1])
+    reached = np.nonzero(dina_gains >= target)[0]
+    seconds = float(dina_seconds[reached[0]]) if len(reached) else None
+    return {"pixel_final_gain": target, "pixel_cpu_seconds": float(pixel_seconds[-1]), "dina_cpu_seconds_to_reach": seconds,
+            "dina_step_to_reach": int(steps[reached[0]]) if len(reached) else None,
+            "ratio": seconds / float(pixel_seconds[-1]) if seconds is not None else None}
+
+
+def plot_curves(histories: dict, path: Path) -> Path:
+    figure, (by_seconds, by_step, own) = plt.subplots(1, 3, figsize=(16, 4.4))
+    for name, runs in histories.items():
+        steps, seconds, gains = validation_curve(runs)
+        style = dict(linestyle="-" if name.startswith("ReFL") else "--", marker="o", markersize=3, label=name)
+        by_seconds.plot(seconds, gains, **style)
+        by_step.plot(steps, gains, **style)
+        rewards = np.mean([[r["eval_reward"] - evals[0]["eval_reward"] for r in evals[: len(steps)]]
+                           for evals in ([r for r in h if "eval_judge" in r] for h in runs)], axis=0)
+        own.plot(steps, rewards, **style)
+    by_seconds.set_xlabel("training CPU-seconds (sampling + reward + update)")
+    by_step.set_xlabel("optimizer steps")
+    own.set_xlabel("optimizer steps")
+    by_seconds.set_ylabel("validation judge, change from the base (mean of seeds)")
+    by_step.set_ylabel("validation judge change")
+    own.set_ylabel("the run's own reward on validation, change")
+    for axis in (by_seconds, by_step, own):
+        axis.axhline(0, color="grey", linewidth=0.8)
+        axis.grid(alpha=0.3)
+    own.legend(fontsize=7)
+    figure.suptitle("Aligning the early toy generator: validation judge and reward")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_clauses(runs: dict, path: Path) -> Path:
+    kinds = list(next(iter(runs.values()))["clauses"])
+    figure, axis = plt.subplots(figsize=(11, 3.8))
+    width = 0.8 / (len(runs) + 1)
+    base = next(iter(runs.values()))["clauses"]
+    axis.bar(np.arange(len(kinds)), [base[k]["base"] for k in kinds], width, label="base", color="lightgrey")
+    for i, (name, run) in enumerate(runs.items(), start=1):
+        axis.bar(np.arange(len(kinds)) + i * width, [run["clauses"][k]["best"] for k in kinds], width, label=name)
+    axis.set_xticks(np.arange(len(kinds)) + width * len(runs) / 2, kinds)
+    axis.set_ylabel("share satisfied on test prompts (quality: judge's quality)")
+    axis.set_ylim(0, 1)
+    axis.legend(fontsize=7, ncol=3)
+    axis.grid(alpha=0.3, axis="y")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def write_alignment_report(out: Path, result: dict, run_dirs: dict[str, Path]) -> Path:
+    runs, histories, config = result["runs"], result["histories"], result["config"]
+    plot_curves(histories, out / "alignment.png")
+    plot_clauses(runs, out / "alignment_clauses.png")
+    for name, directory in run_dirs.items():  # sample grids of the first seed: base and kept checkpoint on test prompts
+        for which in ("base", "best"):
+            source = directory / "samples" / f"test_{which}.png"
+            if source.is_file():
+                shutil.copy(source, out / f"samples_{name.replace(' + ', '_').replace(' ', '_').lower()}_{which}.png")
+    rewards = result["rewards"]
+    lines = [
+        "# Toy-world alignment",
+        "",
+        f"Base policy: the early toy generator; test judge {next(iter(runs.values()))['test_judge_base']:.3f} on "
+        f"{config['num_test_prompts']} test prompts. Rewards trained {config['reward_steps']} steps on "
+        f"{rewards['pairs']['train']} pairs of the base's samples: held-out pairwise accuracy DiNa-LRM "
+        f"{rewards['heldout_accuracy']['DiNa-LRM']:.3f}, pixel reward {rewards['heldout_accuracy']['pixel reward']:.3f}. "
+        f"Seeds {config['seeds']}; the kept checkpoint is the best of the validation judge ({config['num_val_prompts']} prompts, "
+        f"every {config['eval_every']} steps); test prompts never pick.",
+        "",
+        "| run | steps | CPU-s/step | test judge base | kept | Δ (95% CI over prompts) | Δ per seed | final | kept at step | reward/judge diverge at |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, run in runs.items():
+        low, high = run["test_gain_ci"]
+        lines.append(
+            f"| {name} | {run['steps']} | {run['cpu_s_per_step']:.2f} | {run['test_judge_base']:.3f} | {run['test_judge_best']:.3f} | "
+            f"{run['test_gain']:+.3f} [{low:+.3f}, {high:+.3f}] | {', '.join(f'{g:+.3f}' for g in run['test_gain_per_seed'])} | "
+            f"{run['test_judge_final']:.3f} | {run['best_steps']} | {run['divergence_steps']} |"
+        )
+    kinds = list(next(iter(runs.values()))["clauses"])
+    lines += ["", "Per clause on the test prompts, base -> kept checkpoint (share satisfied; quality is the judge's quality score):", "",
+              "| run | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for name, run in runs.items():
+        lines.append(f"| {name} | " + " | ".join(f"{run['clauses'][k]['base']:.2f} -> {run['clauses'][k]['best']:.2f}" for k in kinds) + " |")
+    lines += ["", "Efficiency: CPU-seconds for DiNa-LRM to reach the pixel reward's final validation gain (mean of seeds):", ""]
+    for method in ("ReFL", "GRPO"):
+        found = efficiency(histories, method)
+        if found is None:
+            continue
+        reached = (f"reached at step {found['dina_step_to_reach']}, {found['dina_cpu_seconds_to_reach']:.0f} CPU-s = "
+                   f"{found['ratio']:.2f} of the pixel reward's {found['pixel_cpu_seconds']:.0f} CPU-s"
+                   if found["ratio"] is not None else "not reached")
+        lines.append(f"* {method}: pixel reward's final gain {found['pixel_final_gain']:+.3f}; DiNa-LRM {reached}.")
+    lines += ["", "Cost per training step (measured on this machine; FLOPs counted by torch's FlopCounterMode, one sample):", "",
+              "| run | reward ms/sample | sampling s/step | update s/step | peak MiB (resident) |", "|---|---|---|---|---|"]
+    for name, run in runs.items():
+        lines.append(f"| {name} | {run['reward_ms_per_sample']:.2f} | {run['sampling_s_per_step']:.2f} | {run['update_s_per_step']:.2f} | "
+                     f"{run['peak_memory_mib']:.0f} |")
+    flops = result["flops"]
+    lines += ["", "| per sample | pixel reward (decodes) | DiNa-LRM (latents) | reduction | paper, HPSv3 | paper, DiNa-LRM | paper, reduction |",
+              "|---|---|---|---|---|---|---|"]
+    for (label, key), paper in zip((("peak memory", "memory_mib"), ("reward forward", "reward_forward"),
+                                    ("update (backward)", "update"), ("sampling", "sampling")), PAPER_COST):
+        pixel, dina = flops["pixel"][key], flops["dina"][key]
+        unit = "MiB" if key == "memory_mib" else "MFLOPs"
+        scale = 1 if key == "memory_mib" else 1e-6
+        reduction = f"{100 * (1 - dina / pixel):.0f} %" if pixel else "-"
+        lines.append(f"| {label} | {pixel * scale:.1f} {unit} | {dina * scale:.1f} {unit} | {reduction} | {paper[1]} | {paper[2]} | {paper[3]} |")
+    lines += ["", "![validation judge vs CPU-seconds and steps](alignment.png)", "", "![clauses](alignment_clauses.png)", ""]
+    path = out / "alignment.md"
+    path.write_text("\n".join(lines))
+    return path
