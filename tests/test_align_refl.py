@@ -11,12 +11,13 @@ from dina_lrm.align.config import AlignConfig
 from dina_lrm.align.ema import EMA
 from dina_lrm.align.guard import JudgeGuard
 from dina_lrm.align.refl import LatentSet, draw_stop_index, flow_matching_loss, predicted_clean
-from dina_lrm.align.sampling import Schedule, TextConditioning, sample_sde
+from dina_lrm.align.sampling import Schedule, TextConditioning, predict_velocity, sample_sde
 from dina_lrm.align.sde import cps_step
 from dina_lrm.align.trainer import Aligner
 from dina_lrm.data.shards import PairRecord, write_preference_shards
 from dina_lrm.noise import SigmaTable
 from dina_lrm.scorer import load_pipeline
+from dina_lrm.toyworld.alignment import in_workers, run_one
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "two yellow stars"]
 
@@ -82,8 +83,6 @@ def test_window_sde_draws_noise_and_log_probs_only_inside_the_window(pipeline_di
     trajectory = sample_sde(pipe.transformer, schedule, text, (4, 8, 8), 2.0, 0.7, torch.Generator().manual_seed(0), noisy_steps=[2, 3])
     assert trajectory.noisy_steps == [2, 3]
     assert torch.isnan(trajectory.log_probs[[0, 1, 4, 5]]).all() and torch.isfinite(trajectory.log_probs[[2, 3]]).all()
-    from dina_lrm.align.sampling import predict_velocity
-
     for i in range(6):  # outside the window each step is Euler; inside, the log-probability is the Gaussian's by hand
         x, following = trajectory.latents[i], trajectory.latents[i + 1]
         v = predict_velocity(pipe.transformer, x, schedule.timesteps[i], text, 2.0)
@@ -238,3 +237,13 @@ class TestBadReflConfigs:
     def test_window_that_does_not_fit(self, pipeline_dir, reward_dir, prompt_file, tmp_path):
         with pytest.raises(ValueError, match="SDE window of 3 steps does not fit"):
             refl_config(pipeline_dir, reward_dir, prompt_file, tmp_path, method="grpo", sde_window_size=3, sde_window_range=[0, 2])
+
+
+def test_runs_spread_over_worker_processes_equal_runs_in_this_process(pipeline_dir, reward_dir, prompt_file, tmp_path):
+    calls = lambda where: [(refl_config(pipeline_dir, reward_dir, prompt_file, tmp_path / where / str(seed), max_steps=2, seed=seed),)
+                           for seed in (0, 1)]
+    spread, here = in_workers(run_one, calls("spread"), workers=2), in_workers(run_one, calls("here"), workers=1)
+    for (spread_history, spread_summary), (history, summary) in zip(spread, here):
+        assert [r["reward_mean"] for r in spread_history[1:]] == pytest.approx([r["reward_mean"] for r in history[1:]], abs=1e-4)
+        assert spread_summary["steps"] == summary["steps"] == 2
+    assert here[0][0][1]["reward_mean"] != here[1][0][1]["reward_mean"]  # the seeds differ

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from dina_lrm.scorer import load_pipeline
 from dina_lrm.toyworld.alignment import (
@@ -18,6 +19,7 @@ from dina_lrm.toyworld.alignment import (
     run_alignment_experiment,
     write_prompt_sets,
 )
+from dina_lrm.toyworld.alignment_report import efficiency
 from dina_lrm.toyworld.judge import Judge
 from dina_lrm.toyworld.pixel_reward import PixelReward
 from dina_lrm.toyworld.preferences import PreferenceDataConfig
@@ -86,7 +88,6 @@ def test_prompt_sets_are_disjoint(tmp_path):
 
 
 def test_base_generator_is_the_early_checkpoint_in_the_shipped_latent_space(tmp_path):
-    from safetensors.torch import load_file
 
     base = load_pipeline(materialise_base(tmp_path))
     shipped = load_pipeline(EARLY_GENERATOR.parent / "pretrained")
@@ -101,10 +102,10 @@ def test_base_generator_is_the_early_checkpoint_in_the_shipped_latent_space(tmp_
 def test_experiment_writes_its_report_for_every_run(tmp_path):
     config = ToyAlignmentConfig(
         seeds=[0], data=PreferenceDataConfig(train_prompts=6, test_prompts=4, samples_per_prompt=2, corruptions_per_prompt=1),
-        reward_steps=2, reward_batch_size=4, train_prompts=8, num_val_prompts=2, num_test_prompts=3, eval_every=1,
-        refl={"max_steps": 2, "prompts_per_step": 2, "train_sampling_steps": 4, "refl_stop_range": [2, 4]},
+        reward_steps=2, reward_batch_size=4, train_prompts=8, num_val_prompts=2, num_test_prompts=3, workers=1,
+        refl={"max_steps": 2, "prompts_per_step": 2, "train_sampling_steps": 4, "refl_stop_range": [2, 4], "eval_every": 1},
         grpo={"max_steps": 1, "prompts_per_step": 2, "group_size": 2, "train_sampling_steps": 4, "sde_window_size": 2,
-              "sde_window_range": [0, 3], "global_std": True},
+              "sde_window_range": [0, 3], "global_std": True, "eval_every": 1},
         eval_sampling_steps=4,
     )
     result = run_alignment_experiment(tmp_path, config)
@@ -122,3 +123,21 @@ def test_experiment_writes_its_report_for_every_run(tmp_path):
     assert (tmp_path / "samples_refl_dina-lrm_best.png").is_file()
     saved = json.loads((tmp_path / "alignment.json").read_text())
     assert saved["runs"]["GRPO + judge"]["test_gain"] == result["runs"]["GRPO + judge"]["test_gain"]
+    with pytest.raises(FileExistsError, match="earlier alignment experiment"):
+        run_alignment_experiment(tmp_path, config)
+    again = run_alignment_experiment(tmp_path, config, overwrite=True)
+    assert again["runs"]["GRPO + judge"]["test_gain"] == result["runs"]["GRPO + judge"]["test_gain"]  # seeded: the same again
+
+
+def test_efficiency_finds_where_dina_reaches_the_pixel_rewards_best_gain():
+    def history(gains, seconds_per_step):
+        return [{"step": 5 * i, "eval_judge": 0.5 + g, "train_cpu_seconds": 5 * i * seconds_per_step} for i, g in enumerate(gains)]
+
+    pixel = [history([0.0, 0.02, 0.06, 0.01], 2.0), history([0.0, 0.04, 0.04, 0.03], 2.0)]  # mean best +0.05 at step 10, 20 CPU-s
+    dina = [history([0.0, 0.05, 0.08, 0.0], 1.0), history([0.0, 0.03, 0.04, 0.0], 1.0)]  # mean 0.04 at step 5, 0.06 at step 10
+    found = efficiency({"ReFL + pixel reward": pixel, "ReFL + DiNa-LRM": dina}, "ReFL")
+    assert found["pixel_best_gain"] == pytest.approx(0.05) and found["pixel_cpu_seconds"] == 20
+    assert found["dina_step_to_reach"] == 10 and found["ratio"] == pytest.approx(10 / 20)
+    falling = [history([0.0, -0.01, -0.2, -0.3], 2.0)]
+    assert efficiency({"ReFL + pixel reward": falling, "ReFL + DiNa-LRM": dina}, "ReFL")["ratio"] is None
+    assert efficiency({"ReFL + DiNa-LRM": dina}, "ReFL") is None

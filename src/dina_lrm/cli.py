@@ -183,7 +183,7 @@ def run_toy_align(args) -> int:
     from dina_lrm.toyworld.alignment import ToyAlignmentConfig, run_alignment_experiment
 
     raw = apply_overrides({k: getattr(args, k) for k in ("seeds", "runs") if getattr(args, k)}, args.set)
-    run_alignment_experiment(args.out, from_dict(ToyAlignmentConfig, raw))
+    run_alignment_experiment(args.out, from_dict(ToyAlignmentConfig, raw), overwrite=args.overwrite)
     print((Path(args.out) / "alignment.md").read_text())
     return 0
 
@@ -326,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     toy_align.add_argument("--out", default="demo_out/alignment")
     toy_align.add_argument("--seeds", type=int, nargs="+", help="(default: 0 1 2)")
     toy_align.add_argument("--runs", nargs="+", metavar="RUN", help="a subset of the runs, by name (default: all five)")
+    toy_align.add_argument("--overwrite", action="store_true", help="replace an earlier experiment in --out")
     toy_align.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                            help="override a ToyAlignmentConfig key, e.g. refl.max_steps=20")
     toy_align.set_defaults(func=run_toy_align)

@@ -17,7 +17,9 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,9 +56,11 @@ RUNS = {  # name: (method, reward)
 }
 
 
-REFL_SETTINGS = dict(max_steps=40, prompts_per_step=8, train_sampling_steps=12, refl_stop_range=[6, 12], learning_rate=1e-3)
-GRPO_SETTINGS = dict(max_steps=40, prompts_per_step=8, group_size=4, train_sampling_steps=10, noise_level=0.7, sde_window_size=3,
-                     sde_window_range=[0, 6], global_std=True, learning_rate=3e-4, clip_range=0.2, updates_per_step=2)
+REFL_SETTINGS = dict(max_steps=40, prompts_per_step=8, train_sampling_steps=12, refl_stop_range=[6, 12], learning_rate=1e-3,
+                     eval_every=5, early_stop_patience=3)
+GRPO_SETTINGS = dict(max_steps=36, prompts_per_step=8, group_size=4, train_sampling_steps=10, noise_level=0.7, sde_window_size=3,
+                     sde_window_range=[0, 6], global_std=True, learning_rate=3e-4, clip_range=0.2, updates_per_step=2,
+                     eval_every=12)
 
 
 @dataclass
@@ -70,11 +74,11 @@ class ToyAlignmentConfig:
     train_prompts: int = 512
     num_val_prompts: int = 32
     num_test_prompts: int = 64
-    eval_every: int = 5
     eval_sampling_steps: int = 12
     guidance_scale: float = 4.0
     refl: dict = field(default_factory=dict)  # AlignConfig keys over REFL_SETTINGS for the ReFL runs
     grpo: dict = field(default_factory=dict)  # AlignConfig keys over GRPO_SETTINGS for the GRPO runs
+    workers: int = 2  # runs in parallel processes of one thread each (the toy models use one core poorly)
 
 
 def materialise_base(out: Path) -> Path:
@@ -148,7 +152,7 @@ def align_config(name: str, seed: int, rewards: dict, base_dir: Path, prompts: d
         "method": method, "generator": str(base_dir), "reward": asdict(reward_spec(kind, rewards, base_dir)), "judge": asdict(JUDGE),
         "prompts": str(prompts["train"]), "eval_prompts": str(prompts["val"]), "num_eval_prompts": config.num_val_prompts,
         "test_prompts": str(prompts["test"]), "num_test_prompts": config.num_test_prompts, "out": str(out), "seed": seed,
-        "eval_every": config.eval_every, "eval_sampling_steps": config.eval_sampling_steps, "guidance_scale": config.guidance_scale,
+        "eval_sampling_steps": config.eval_sampling_steps, "guidance_scale": config.guidance_scale,
         "checkpoint_every": 10**9, "max_sequence_length": T5_TOKENS, **settings,
     })
 
@@ -157,29 +161,50 @@ def run_dir(out: Path, name: str, seed: int) -> Path:
     return out / "runs" / f"{name.replace(' + ', '_').replace(' ', '_').lower()}_seed{seed}"
 
 
-def run_alignment_experiment(out: str | Path, config: ToyAlignmentConfig | None = None) -> dict:
-    """Everything above; writes ``alignment.md``, ``alignment.json`` and plots under ``out``."""
+def run_alignment_experiment(out: str | Path, config: ToyAlignmentConfig | None = None, overwrite: bool = False) -> dict:
+    """Everything above; writes ``alignment.md``, ``alignment.json`` and plots under ``out``. Refuses an
+    ``out`` that holds an earlier experiment unless ``overwrite``."""
     config = config or ToyAlignmentConfig()
     out = Path(out)
+    if (out / "alignment.json").exists() or (out / "runs").exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} holds an earlier alignment experiment; choose another --out or pass --overwrite")
+        shutil.rmtree(out)
     base_dir = materialise_base(out)
     prompts = write_prompt_sets(out, config)
     rewards = train_rewards(out, base_dir, config)
+    jobs = [(name, seed, align_config(name, seed, rewards, base_dir, prompts, run_dir(out, name, seed), config))
+            for name in config.runs for seed in config.seeds]
+    # the costly GRPO runs first, so that the cheap ReFL runs fill the workers at the end
+    order = sorted(range(len(jobs)), key=lambda i: jobs[i][2].method != "grpo")
+    finished = dict(zip(order, in_workers(run_one, [(jobs[i][2],) for i in order], config.workers)))
     runs: dict[str, list[dict]] = {}
-    for name in config.runs:
-        for seed in config.seeds:
-            directory = run_dir(out, name, seed)
-            if directory.exists():
-                shutil.rmtree(directory)
-            aligner = Aligner(align_config(name, seed, rewards, base_dir, prompts, directory, config))
-            history = aligner.run()
-            summary = json.loads((directory / "summary.json").read_text())
-            runs.setdefault(name, []).append({"seed": seed, "history": history, "summary": summary})
-    result = {"config": asdict(config), "rewards": rewards, "flops": reward_costs(rewards, base_dir, config),
+    for i, (name, seed, _) in enumerate(jobs):
+        history, summary = finished[i]
+        runs.setdefault(name, []).append({"seed": seed, "history": history, "summary": summary})
+    result = {"config": {**asdict(config), "settings": {"refl": REFL_SETTINGS, "grpo": GRPO_SETTINGS}}, "rewards": rewards,
+              "flops": reward_costs(rewards, base_dir, config),
               "runs": {name: summarise(seeds) for name, seeds in runs.items()},
               "histories": {name: [s["history"] for s in seeds] for name, seeds in runs.items()}}
     write_alignment_report(out, result, {name: run_dir(out, name, config.seeds[0]) for name in config.runs})
     (out / "alignment.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def run_one(config: AlignConfig) -> tuple[list[dict], dict]:
+    """One alignment run: its history and ``summary.json``."""
+    history = Aligner(config).run()
+    return history, json.loads((Path(config.out) / "summary.json").read_text())
+
+
+def in_workers(fn, calls: list[tuple], workers: int) -> list:
+    """``[fn(*args) for args in calls]``, over ``workers`` spawned processes of one thread each (1: here).
+    Every call is seeded and fixed in steps, so results do not depend on how the calls are spread."""
+    if workers <= 1:
+        return [fn(*args) for args in calls]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
+                             initargs=(1,)) as pool:
+        return list(pool.map(fn, *zip(*calls)))
 
 
 def reward_costs(rewards: dict, base_dir: Path, config: ToyAlignmentConfig, batch: int = 8) -> dict:

@@ -30,19 +30,22 @@ def validation_curve(histories: list[list[dict]]) -> tuple[np.ndarray, np.ndarra
 
 
 def efficiency(histories: dict, method: str) -> dict | None:
-    """CPU-seconds DiNa-LRM needs to reach the pixel reward's final validation judge gain, as a share of
-    the pixel reward's CPU-seconds (the paper: DiNa-LRM passes HPSv3's final score at ~30% of its steps)."""
+    """CPU-seconds DiNa-LRM needs to reach the validation judge gain of the pixel reward's kept checkpoint
+    (its best evaluation, mean of seeds), as a share of the CPU-seconds the pixel reward took to get
+    there (the paper: DiNa-LRM passes HPSv3's final score at ~30% of its steps). None without both
+    runs; ``ratio`` None when the pixel reward gained nothing or DiNa-LRM never reached it."""
     dina, pixel = f"{method} + DiNa-LRM", f"{method} + pixel reward"
     if dina not in histories or pixel not in histories:
         return None
     _, pixel_seconds, pixel_gains = validation_curve(histories[pixel])
     steps, dina_seconds, dina_gains = validation_curve(histories[dina])
-    target = float(pixel_gains[-1])
-    reached = np.nonzero(dina_gains >= target)[0]
+    best = int(np.argmax(pixel_gains))
+    target = float(pixel_gains[best])
+    reached = np.nonzero(dina_gains >= target)[0] if target > 0 else []
     seconds = float(dina_seconds[reached[0]]) if len(reached) else None
-    return {"pixel_final_gain": target, "pixel_cpu_seconds": float(pixel_seconds[-1]), "dina_cpu_seconds_to_reach": seconds,
+    return {"pixel_best_gain": target, "pixel_cpu_seconds": float(pixel_seconds[best]), "dina_cpu_seconds_to_reach": seconds,
             "dina_step_to_reach": int(steps[reached[0]]) if len(reached) else None,
-            "ratio": seconds / float(pixel_seconds[-1]) if seconds is not None else None}
+            "ratio": seconds / float(pixel_seconds[best]) if seconds is not None else None}
 
 
 def plot_curves(histories: dict, path: Path) -> Path:
@@ -91,12 +94,23 @@ def plot_clauses(runs: dict, path: Path) -> Path:
     return path
 
 
+def setting(config: dict, method: str, key: str):
+    """An AlignConfig key of the experiment's ReFL or GRPO runs: the override, else the experiment's setting, else 0."""
+    return config[method].get(key, config["settings"][method].get(key, 0))
+
+
+def patience(config: dict) -> str:
+    stops = [f"{method} stops after {setting(config, key, 'early_stop_patience')} evaluations without a better judge"
+             for method, key in (("ReFL", "refl"), ("GRPO", "grpo")) if setting(config, key, "early_stop_patience")]
+    return "".join(f"; {stop}" for stop in stops)
+
+
 def write_alignment_report(out: Path, result: dict, run_dirs: dict[str, Path]) -> Path:
     runs, histories, config = result["runs"], result["histories"], result["config"]
     plot_curves(histories, out / "alignment.png")
     plot_clauses(runs, out / "alignment_clauses.png")
-    for name, directory in run_dirs.items():  # sample grids of the first seed: base and kept checkpoint on test prompts
-        for which in ("base", "best"):
+    for name, directory in run_dirs.items():  # sample grids of the first seed on test prompts: base, kept and final weights
+        for which in ("base", "best", "final"):
             source = directory / "samples" / f"test_{which}.png"
             if source.is_file():
                 shutil.copy(source, out / f"samples_{name.replace(' + ', '_').replace(' ', '_').lower()}_{which}.png")
@@ -109,7 +123,8 @@ def write_alignment_report(out: Path, result: dict, run_dirs: dict[str, Path]) -
         f"{rewards['pairs']['train']} pairs of the base's samples: held-out pairwise accuracy DiNa-LRM "
         f"{rewards['heldout_accuracy']['DiNa-LRM']:.3f}, pixel reward {rewards['heldout_accuracy']['pixel reward']:.3f}. "
         f"Seeds {config['seeds']}; the kept checkpoint is the best of the validation judge ({config['num_val_prompts']} prompts, "
-        f"every {config['eval_every']} steps); test prompts never pick.",
+        f"every {setting(config, 'refl', 'eval_every')} ReFL / {setting(config, 'grpo', 'eval_every')} GRPO steps{patience(config)}); "
+        "test prompts never pick.",
         "",
         "| run | steps | CPU-s/step | test judge base | kept | Δ (95% CI over prompts) | Δ per seed | final | kept at step | reward/judge diverge at |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -126,15 +141,20 @@ def write_alignment_report(out: Path, result: dict, run_dirs: dict[str, Path]) -
               "| run | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     for name, run in runs.items():
         lines.append(f"| {name} | " + " | ".join(f"{run['clauses'][k]['base']:.2f} -> {run['clauses'][k]['best']:.2f}" for k in kinds) + " |")
-    lines += ["", "Efficiency: CPU-seconds for DiNa-LRM to reach the pixel reward's final validation gain (mean of seeds):", ""]
+    lines += ["", "Efficiency: CPU-seconds for DiNa-LRM to reach the validation judge gain of the pixel reward's best evaluation "
+              "(curves averaged over seeds):", ""]
     for method in ("ReFL", "GRPO"):
         found = efficiency(histories, method)
         if found is None:
             continue
-        reached = (f"reached at step {found['dina_step_to_reach']}, {found['dina_cpu_seconds_to_reach']:.0f} CPU-s = "
-                   f"{found['ratio']:.2f} of the pixel reward's {found['pixel_cpu_seconds']:.0f} CPU-s"
-                   if found["ratio"] is not None else "not reached")
-        lines.append(f"* {method}: pixel reward's final gain {found['pixel_final_gain']:+.3f}; DiNa-LRM {reached}.")
+        if found["pixel_best_gain"] <= 0:
+            reached = "the pixel reward never raised the validation judge, so there is nothing to reach"
+        elif found["ratio"] is None:
+            reached = "DiNa-LRM never reached it"
+        else:
+            reached = (f"DiNa-LRM reached it at step {found['dina_step_to_reach']}, {found['dina_cpu_seconds_to_reach']:.0f} CPU-s = "
+                       f"{found['ratio']:.2f} of the pixel reward's {found['pixel_cpu_seconds']:.0f} CPU-s")
+        lines.append(f"* {method}: pixel reward's best gain {found['pixel_best_gain']:+.3f}; {reached}.")
     lines += ["", "Cost per training step (measured on this machine; FLOPs counted by torch's FlopCounterMode, one sample):", "",
               "| run | reward ms/sample | sampling s/step | update s/step | peak MiB (resident) |", "|---|---|---|---|---|"]
     for name, run in runs.items():
@@ -150,7 +170,9 @@ def write_alignment_report(out: Path, result: dict, run_dirs: dict[str, Path]) -
         scale = 1 if key == "memory_mib" else 1e-6
         reduction = f"{100 * (1 - dina / pixel):.0f} %" if pixel else "-"
         lines.append(f"| {label} | {pixel * scale:.1f} {unit} | {dina * scale:.1f} {unit} | {reduction} | {paper[1]} | {paper[2]} | {paper[3]} |")
-    lines += ["", "![validation judge vs CPU-seconds and steps](alignment.png)", "", "![clauses](alignment_clauses.png)", ""]
+    lines += ["", "![validation judge vs CPU-seconds and steps](alignment.png)", "", "![clauses](alignment_clauses.png)", "",
+              "Sample grids of the first seed on the first 16 test prompts: `samples_<run>_base.png`, `_best.png` (kept), "
+              "`_final.png`.", ""]
     path = out / "alignment.md"
     path.write_text("\n".join(lines))
     return path

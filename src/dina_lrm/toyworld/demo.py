@@ -169,6 +169,7 @@ def fit_config(config: DemoConfig) -> FitConfig:
 
 
 def train_dina(pipe, prompt_encoder, loss: str, batches: PairBatches, monitor: PairTable, config: DemoConfig, name: str):
+    torch.manual_seed(config.seed)  # the head's and the LoRA's initial weights
     model = DiNaLRM(dina_config(loss), copy.deepcopy(pipe.transformer))
     scorer = Scorer(model, prompt_encoder, SigmaTable.from_scheduler(pipe.scheduler))
     training = model.config.training
