@@ -17,6 +17,7 @@ TINY_MODEL = {
     "lora_config": {"r": 4, "lora_alpha": 8},
     "reward_head": {"num_attn_heads": 4},
 }
+ALIGN_PROMPTS = ["a red circle", "a blue square", "a green triangle", "two yellow stars"]
 
 
 def tiny_config(**model_overrides) -> DiNaConfig:
@@ -61,3 +62,11 @@ def randomize_lora(model: DiNaLRM, seed: int = 0) -> None:
 
 def make_latents(batch=2, size=8, seed=0):
     return torch.randn(batch, 4, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    """The alignment tests' training prompts, one per line."""
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(ALIGN_PROMPTS) + "\n")
+    return path

@@ -17,8 +17,6 @@ from dina_lrm.align.trainer import Aligner
 from dina_lrm.config import ConfigError
 from dina_lrm.scorer import load_pipeline
 
-PROMPTS = ["a red circle", "a blue square", "a green triangle", "two yellow stars"]
-
 
 def test_sde_step_log_prob_is_the_closed_form_gaussian():
     generator = torch.Generator().manual_seed(0)
@@ -106,13 +104,6 @@ def test_clipped_objective_gradient_sign_and_clipping():
     loss.backward()
     torch.testing.assert_close(log_prob.grad, torch.zeros(2))
     assert clipped == 1.0
-
-
-@pytest.fixture
-def prompt_file(tmp_path):
-    path = tmp_path / "prompts.txt"
-    path.write_text("\n".join(PROMPTS) + "\n")
-    return path
 
 
 def make_config(pipeline_dir, reward_dir, prompt_file, out, **overrides) -> AlignConfig:

@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import ALIGN_PROMPTS as PROMPTS
 
 from dina_lrm.align.config import AlignConfig
 from dina_lrm.align.ema import EMA
@@ -18,15 +19,6 @@ from dina_lrm.data.shards import PairRecord, write_preference_shards
 from dina_lrm.noise import SigmaTable
 from dina_lrm.scorer import load_pipeline
 from dina_lrm.toyworld.alignment import in_workers, run_one
-
-PROMPTS = ["a red circle", "a blue square", "a green triangle", "two yellow stars"]
-
-
-@pytest.fixture
-def prompt_file(tmp_path):
-    path = tmp_path / "prompts.txt"
-    path.write_text("\n".join(PROMPTS) + "\n")
-    return path
 
 
 def refl_config(pipeline_dir, reward_dir, prompt_file, out, **overrides) -> AlignConfig:
