@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch lies on local disk; pinning it keeps pip from pulling a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install test test-slow demo demo-align bench clean
+.PHONY: install test test-slow demo demo-align ablations bench clean
 
 $(BIN)/dina-lrm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ demo: install
 
 demo-align: install
 	HF_HUB_OFFLINE=1 $(BIN)/dina-lrm toyworld align --out demo_out/alignment
+
+ablations: install
+	HF_HUB_OFFLINE=1 $(BIN)/dina-lrm toyworld ablations --out demo_out/ablations
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/score_throughput.py

@@ -22,7 +22,7 @@ def test_shipped_generator_is_small_and_loads():
 
 def test_tiny_end_to_end_demo(tmp_path):
     data = PreferenceDataConfig(train_prompts=6, test_prompts=4, samples_per_prompt=3, sampling_steps=3, batch_size=16)
-    config = DemoConfig(data=data, budget_s=None, max_steps=2, eval_every_s=1e9, monitor_pairs=8, benchmark_prompts=3)
+    config = DemoConfig(data=data, steps=2, eval_every=1, monitor_pairs=8, benchmark_prompts=3)
     summary = run_demo(tmp_path, config)
     accuracy = summary["accuracy"]
     for name in DINA_LOSSES:
@@ -36,7 +36,9 @@ def test_tiny_end_to_end_demo(tmp_path):
     assert "| DiNa-LRM (Thurstone) |" in (tmp_path / "report.md").read_text()
     assert "[eval/report.md](eval/report.md)" in (tmp_path / "report.md").read_text()
     assert 0 <= summary["benchmark_eval"]["settings"]["DiNa-LRM u=0.4"]["accuracy"] <= 1
-    assert all(h[-1]["step"] == 2 for h in summary["histories"].values())
+    assert all(h[-1]["step"] == 2 for name, h in summary["histories"].items() if name != PIXEL_METHOD)
+    assert [h["step"] for h in summary["histories"]["DiNa-LRM (Thurstone)"] if "heldout_accuracy" in h] == [0, 1, 2]
+    assert 1 <= summary["histories"][PIXEL_METHOD][-1]["step"] < 2  # its step costs more FLOPs than DiNa-LRM's
     scorer = Scorer.from_pretrained(tmp_path / "reward_model", SHIPPED_GENERATOR, max_sequence_length=T5_TOKENS)
     latents = torch.zeros(1, 4, 16, 16)
     assert torch.isfinite(scorer.score("a red circle", latents=latents, seed=0).raw).all()

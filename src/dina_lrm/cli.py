@@ -1,4 +1,4 @@
-"""Command line: ``dina-lrm score | prepare | train | eval | serve | align | demo | toyworld pretrain | toyworld align | toyworld benchmark``."""
+"""Command line: ``dina-lrm score | prepare | train | eval | serve | align | demo | toyworld pretrain | toyworld align | toyworld ablations | toyworld benchmark``."""
 
 from __future__ import annotations
 
@@ -188,13 +188,23 @@ def run_toy_align(args) -> int:
     return 0
 
 
+def run_toy_ablations(args) -> int:
+    from dina_lrm.config import apply_overrides, from_dict
+    from dina_lrm.toyworld.ablations import AblationConfig, run_ablations
+
+    raw = apply_overrides({k: getattr(args, k) for k in ("seeds", "rows", "steps") if getattr(args, k)}, args.set)
+    run_ablations(args.out, from_dict(AblationConfig, raw), generator_dir=args.generator, overwrite=args.overwrite)
+    print((Path(args.out) / "ablations.md").read_text())
+    return 0
+
+
 def run_demo(args) -> int:
     from dina_lrm.toyworld.demo import DemoConfig
     from dina_lrm.toyworld.demo import run_demo as demo
     from dina_lrm.toyworld.preferences import PreferenceDataConfig
 
     data = {k: getattr(args, k) for k in ("train_prompts", "test_prompts", "flip_rate") if getattr(args, k) is not None}
-    demo_options = {"budget_s": args.budget_seconds} if args.budget_seconds is not None else {}
+    demo_options = {"steps": args.steps} if args.steps is not None else {}
     config = DemoConfig(data=PreferenceDataConfig(seed=args.seed, **data), seed=args.seed, **demo_options)
     demo(Path(args.out), config, generator_dir=args.generator, from_scratch=args.from_scratch)
     return 0
@@ -302,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the toy world end to end: data, DiNa-LRM vs. baselines, report")
     demo.add_argument("--out", default="demo_out")
-    demo.add_argument("--budget-seconds", type=float, help="training CPU seconds per method (default: DemoConfig's)")
+    demo.add_argument("--steps", type=int, help="training steps per DiNa-LRM variant; the pixel reward gets the same FLOPs "
+                      "(default: DemoConfig's)")
     demo.add_argument("--generator", help="toy generator directory (default: the shipped one)")
     demo.add_argument("--from-scratch", action="store_true", help="pretrain the toy generator first (~65 min on 2 cores)")
     demo.add_argument("--train-prompts", type=int, help="(default: PreferenceDataConfig's)")
@@ -330,6 +341,17 @@ def build_parser() -> argparse.ArgumentParser:
     toy_align.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                            help="override a ToyAlignmentConfig key, e.g. refl.max_steps=20")
     toy_align.set_defaults(func=run_toy_align)
+    ablations = toyworld.add_parser("ablations", help="the paper's reward-model table in the toy world: every ablation row, "
+                                    "several seeds, intervals (see docs/toyworld.md)")
+    ablations.add_argument("--out", default="demo_out/ablations")
+    ablations.add_argument("--seeds", type=int, nargs="+", help="(default: 0 1 2)")
+    ablations.add_argument("--rows", nargs="+", metavar="ROW", help="a subset of the rows, by name (default: all)")
+    ablations.add_argument("--steps", type=int, help="training steps per row (default: AblationConfig's)")
+    ablations.add_argument("--generator", help="toy generator directory (default: the shipped one)")
+    ablations.add_argument("--overwrite", action="store_true", help="replace earlier ablations in --out")
+    ablations.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                           help="override an AblationConfig key, e.g. data.train_prompts=600")
+    ablations.set_defaults(func=run_toy_ablations)
     benchmark = toyworld.add_parser("benchmark", help="write a judge-ranked toy benchmark (HPDv2 layout) for `dina-lrm eval`")
     benchmark.add_argument("--out", required=True)
     benchmark.add_argument("--prompts", type=int, default=40)

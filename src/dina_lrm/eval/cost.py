@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from dina_lrm.eval.reward_fn import Setting
 from dina_lrm.models.reward_model import DiNaLRM
@@ -117,3 +118,11 @@ class MemoryMeter:
     @property
     def peak_mib(self) -> float:
         return self.peak_bytes / 2**20
+
+
+def count_flops(fn) -> int:
+    """FLOPs that torch's counter sees while ``fn()`` runs (its backward too, if it calls one)."""
+    mode = FlopCounterMode(display=False)
+    with mode:
+        fn()
+    return mode.get_total_flops()

@@ -34,6 +34,7 @@ from dina_lrm.align.rewards import RewardSpec, build_reward
 from dina_lrm.align.sampling import Schedule, TextConditioning, predict_velocity
 from dina_lrm.align.trainer import Aligner
 from dina_lrm.data.shards import load_preference_shards
+from dina_lrm.eval.cost import count_flops
 from dina_lrm.eval.pairwise import bootstrap_interval
 from dina_lrm.models.sd3_text import SD3PromptEncoder
 from dina_lrm.scorer import load_pipeline
@@ -120,8 +121,7 @@ def train_rewards(out: Path, base_dir: Path, config: ToyAlignmentConfig) -> dict
     data = build_preference_data(pipe, prompt_encoder, config.data, out / "shards")
     train_pairs, test_pairs = load_preference_shards(out / "shards" / "train"), load_preference_shards(out / "shards" / "test")
     monitor = subset(test_pairs, range(min(256, len(test_pairs))))
-    demo = DemoConfig(budget_s=None, max_steps=config.reward_steps, batch_size=config.reward_batch_size,
-                      learning_rate=config.reward_learning_rate, eval_every_s=float("inf"))
+    demo = DemoConfig(steps=config.reward_steps, batch_size=config.reward_batch_size, learning_rate=config.reward_learning_rate)
     batches = PairBatches(train_pairs, prompt_encoder, demo.batch_size, demo.seed)
     dina, dina_history = train_dina(pipe, prompt_encoder, "thurstone", batches, monitor, demo, "DiNa-LRM")
     batches = PairBatches(train_pairs, prompt_encoder, demo.batch_size, demo.seed)
@@ -264,13 +264,6 @@ class SavedActivations(torch.autograd.graph.saved_tensors_hooks):
     @property
     def bytes(self) -> int:
         return sum(self.sizes.values())
-
-
-def count_flops(fn) -> int:
-    mode = FlopCounterMode(display=False)
-    with mode:
-        fn()
-    return mode.get_total_flops()
 
 
 def summarise(seeds: list[dict]) -> dict:

@@ -4,8 +4,9 @@
 2. sample and judge, write preference shards (train pairs from a noisy rater, held-out test pairs
    on unseen colour-shape combinations labelled by the noise-free judge);
 3. train DiNa-LRM (LoRA on the first blocks + head, noise-calibrated Thurstone) and three baselines
-   on the same pairs for the same CPU time: Bradley-Terry loss, constant-variance Thurstone loss,
-   and a pixel-space reward that must VAE-decode;
+   on the same pairs: Bradley-Terry loss and constant-variance Thurstone loss for the same number of
+   steps, and a pixel-space reward that must VAE-decode, for the same training FLOPs. Budgets are
+   counted, never timed, so a busy machine gives the same models; the seconds are reported beside;
 4. evaluate held-out pairwise accuracy per noise level u and for a multi-level ensemble, with the
    DiNa-LRM checkpoint saved in the release layout and reloaded through ``Scorer.from_pretrained``;
 5. write ``report.md`` with the table and plots.
@@ -46,7 +47,7 @@ from dina_lrm.toyworld.pretrain import PretrainConfig, pretrain, reconstruction_
 from dina_lrm.toyworld.report import write_report
 from dina_lrm.toyworld.rewards import save_pixel_reward
 from dina_lrm.toyworld.scenes import render, sample_prompts, scene_for
-from dina_lrm.train.pairs import FitConfig, PairBatches, fit_pairs
+from dina_lrm.train.pairs import FitConfig, PairBatches, fit_pairs, step_flops
 from dina_lrm.train.step import preference_step
 
 SHIPPED_GENERATOR = Path(__file__).parent / "pretrained"
@@ -65,13 +66,12 @@ DEMO_MODEL = {
 @dataclass
 class DemoConfig:
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
-    budget_s: float = 80.0  # training CPU seconds per method
-    max_steps: int = 100_000
+    steps: int = 300  # optimizer steps of each DiNa-LRM variant; the pixel reward gets the same training FLOPs
     batch_size: int = 32
     learning_rate: float = 5e-4
     monitor_u: float = 0.4  # the noise level of the held-out accuracy tracked during training
     monitor_pairs: int = 128
-    eval_every_s: float = 30.0
+    eval_every: int = 50  # steps between evaluations on the monitor pairs
     ensemble_levels: tuple[float, ...] = (0.2, 0.4, 0.6)
     benchmark_prompts: int = 100  # the judge-ranked benchmark `dina-lrm eval` runs on at the end
     seed: int = 0
@@ -128,9 +128,10 @@ def dina_config(loss: str) -> DiNaConfig:
 
 
 def dina_wins(scorer: Scorer, pairs: PairTable, seed: int, **levels) -> torch.Tensor:
-    chosen = scorer.score(pairs.prompts, latents=pairs.chosen, seed=seed, **levels).raw
-    rejected = scorer.score(pairs.prompts, latents=pairs.rejected, seed=seed + 1, **levels).raw
-    return pair_wins(chosen, rejected)
+    """Per pair: 1 when chosen scores above rejected; the two share one noise draw, seeded by the pair."""
+    seeds = [seed + i for i in range(len(pairs))]
+    chosen = scorer.score(pairs.prompts, latents=pairs.chosen, seeds=seeds, **levels).raw
+    return pair_wins(chosen, scorer.score(pairs.prompts, latents=pairs.rejected, seeds=seeds, **levels).raw)
 
 
 def dina_accuracy(scorer: Scorer, pairs: PairTable, seed: int, **levels) -> float:
@@ -163,20 +164,33 @@ def subset(pairs: PairTable, index) -> PairTable:
     )
 
 
-def fit_config(config: DemoConfig) -> FitConfig:
-    return FitConfig(batch_size=config.batch_size, learning_rate=config.learning_rate, max_steps=config.max_steps,
-                     time_budget_s=config.budget_s, eval_every_s=config.eval_every_s, seed=config.seed)
+def fit_config(config: DemoConfig, steps: int | None = None) -> FitConfig:
+    return FitConfig(batch_size=config.batch_size, learning_rate=config.learning_rate, max_steps=steps or config.steps,
+                     eval_every=config.eval_every, seed=config.seed)
+
+
+def dina_step_fn(model: DiNaLRM, sigma_table: SigmaTable):
+    training = model.config.training
+    sampler = NoiseSampler.from_release(training.t_weighting_scheme, training.t_weighting_scheme_param)
+    return lambda batch, generator: preference_step(model, batch, sigma_table, sampler, generator=generator)
+
+
+def pixel_steps(pipe, prompt_encoder, pairs: PairTable, config: DemoConfig) -> int:
+    """The pixel reward's steps at DiNa-LRM's training FLOPs (``config.steps`` steps of the full model)."""
+    torch.manual_seed(config.seed)
+    batch = next(iter(PairBatches(pairs, prompt_encoder, config.batch_size, config.seed)))
+    dina = DiNaLRM(dina_config("thurstone"), copy.deepcopy(pipe.transformer)).train()
+    dina_flops = step_flops(dina_step_fn(dina, SigmaTable.from_scheduler(pipe.scheduler)), dina, batch)
+    pixel = PixelReward(batch.encoder_hidden_states.shape[-1], batch.pooled_projections.shape[-1])
+    pixel_flops = step_flops(lambda b, g: pixel_preference_step(pixel, pipe.vae, b, g), pixel, batch)
+    return max(1, round(config.steps * dina_flops / pixel_flops))
 
 
 def train_dina(pipe, prompt_encoder, loss: str, batches: PairBatches, monitor: PairTable, config: DemoConfig, name: str):
     torch.manual_seed(config.seed)  # the head's and the LoRA's initial weights
     model = DiNaLRM(dina_config(loss), copy.deepcopy(pipe.transformer))
     scorer = Scorer(model, prompt_encoder, SigmaTable.from_scheduler(pipe.scheduler))
-    training = model.config.training
-    sampler = NoiseSampler.from_release(training.t_weighting_scheme, training.t_weighting_scheme_param)
-
-    def step(batch, generator):
-        return preference_step(model, batch, scorer.sigma_table, sampler, generator=generator)
+    step = dina_step_fn(model, scorer.sigma_table)
 
     def evaluate() -> dict:
         model.eval()
@@ -189,7 +203,7 @@ def train_dina(pipe, prompt_encoder, loss: str, batches: PairBatches, monitor: P
     return model.eval(), history
 
 
-def train_pixel(pipe, prompt_encoder, batches: PairBatches, monitor: PairTable, config: DemoConfig):
+def train_pixel(pipe, prompt_encoder, batches: PairBatches, monitor: PairTable, config: DemoConfig, steps: int | None = None):
     torch.manual_seed(config.seed)
     text_width, pooled_width = batches.states.shape[-1], batches.pooled.shape[-1]
     model = PixelReward(text_width, pooled_width)
@@ -201,7 +215,7 @@ def train_pixel(pipe, prompt_encoder, batches: PairBatches, monitor: PairTable, 
 
     history = fit_pairs(
         lambda batch, generator: pixel_preference_step(model, pipe.vae, batch, generator),
-        model.parameters(), batches, fit_config(config), evaluate, desc=PIXEL_METHOD,
+        model.parameters(), batches, fit_config(config, steps), evaluate, desc=PIXEL_METHOD,
     )
     return model.eval(), history
 
@@ -239,8 +253,9 @@ def run_demo(
             batches = PairBatches(train_pairs, prompt_encoder, config.batch_size, config.seed)
             models[name], histories[name] = train_dina(pipe, prompt_encoder, loss, batches, monitor, config, name)
     with timed(timings, f"train {PIXEL_METHOD}"):
+        steps = pixel_steps(pipe, prompt_encoder, train_pairs, config)
         batches = PairBatches(train_pairs, prompt_encoder, config.batch_size, config.seed)
-        pixel_model, histories[PIXEL_METHOD] = train_pixel(pipe, prompt_encoder, batches, monitor, config)
+        pixel_model, histories[PIXEL_METHOD] = train_pixel(pipe, prompt_encoder, batches, monitor, config, steps)
     with timed(timings, "evaluate"):
         reward_dir = models["DiNa-LRM (Thurstone)"].save_pretrained(out / "reward_model")
         save_pixel_reward(pixel_model, out / "pixel_reward.safetensors")

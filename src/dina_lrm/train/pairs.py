@@ -1,8 +1,9 @@
-"""Fit any pairwise reward model on an in-memory ``PairTable``, for a step count or a CPU-time budget.
+"""Fit any pairwise reward model on an in-memory ``PairTable`` for a fixed number of steps.
 
 The model is reached only through ``step_fn(batch, generator) -> StepOutput``, so DiNa-LRM
 (``preference_step``) and baselines (a pixel-space reward) train under the same loop, batches,
-optimizer and budget. Evaluation time is excluded from the budget.
+optimizer and budget. The budget is a step count, never a clock, so a busy machine trains the
+same model; the seconds spent training (evaluation excluded) are measured and reported beside.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from dina_lrm.data.shards import PairTable
@@ -26,9 +28,8 @@ class FitConfig:
     batch_size: int = 32
     learning_rate: float = 3e-4
     weight_decay: float = 0.0
-    max_steps: int = 100_000
-    time_budget_s: float | None = None  # stop after this many seconds of training (evaluation excluded)
-    eval_every_s: float = 20.0
+    max_steps: int = 1000
+    eval_every: int = 0  # evaluate every this many steps (0: only at the start and the end)
     grad_clip: float = 1.0
     log_every: int = 10
     seed: int = 0
@@ -67,7 +68,8 @@ def fit_pairs(
     evaluate: Callable[[], dict] | None = None,
     desc: str = "train",
 ) -> list[dict]:
-    """Train until ``max_steps`` or ``time_budget_s``; returns the history (one row per log/eval point)."""
+    """Train for ``max_steps``; returns the history: one row per log and evaluation point, and a last row
+    with the final step and the training seconds."""
     parameters = [p for p in parameters if p.requires_grad]
     if not parameters:
         raise ValueError("the model has no trainable parameters")
@@ -75,16 +77,11 @@ def fit_pairs(
 
     generator = torch.Generator().manual_seed(config.seed)
     history, window = [], []
-    trained_s, next_eval_s = 0.0, 0.0
-    budget = config.time_budget_s
-    if budget:
-        bar = tqdm(total=round(budget, 1), desc=desc, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} CPU s [{elapsed}<{remaining}{postfix}]")
-    else:
-        bar = tqdm(total=config.max_steps, desc=desc, unit="step")
+    trained_s = 0.0
+    bar = tqdm(total=config.max_steps, desc=desc, unit="step")
     for step, batch in enumerate(batches, start=1):
-        if evaluate is not None and trained_s >= next_eval_s:
+        if evaluate is not None and (step == 1 or (config.eval_every and (step - 1) % config.eval_every == 0)):
             history.append({"step": step - 1, "seconds": trained_s, **evaluate()})
-            next_eval_s += config.eval_every_s
         started = time.perf_counter()
         out = step_fn(batch, generator)
         if not torch.isfinite(out.loss):
@@ -101,10 +98,17 @@ def fit_pairs(
             history.append({"step": step, "seconds": trained_s, "loss": loss, "train_accuracy": accuracy})
             bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.2f}")
             window.clear()
-        bar.update(round(max(0.0, min(elapsed, bar.total - bar.n)), 3) if budget else 1)
-        if step >= config.max_steps or (budget and trained_s >= budget):
+        bar.update(1)
+        if step >= config.max_steps:
             break
     bar.close()
-    if evaluate is not None:
-        history.append({"step": step, "seconds": trained_s, **evaluate()})
+    history.append({"step": step, "seconds": trained_s, **(evaluate() if evaluate is not None else {})})
     return history
+
+
+def step_flops(step_fn: StepFn, model: torch.nn.Module, batch: PreferenceBatch) -> int:
+    """FLOPs of one training step (forward and backward) on ``batch``, counted by torch; leaves no gradients."""
+    with FlopCounterMode(display=False) as counter:
+        step_fn(batch, torch.Generator().manual_seed(0)).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
