@@ -1,3 +1,5 @@
+import time
+
 import pytest
 import torch
 from conftest import tiny_config
@@ -96,3 +98,29 @@ def test_bootstrap_interval_resamples_prompts_and_is_reproducible():
     assert bootstrap_interval([1, 1, 1], ["x", "y", "z"]) == (1.0, 1.0)
     with pytest.raises(ValueError, match="one group per pair"):
         bootstrap_interval([1, 0], ["a"])
+
+
+def test_a_slow_machine_trains_the_same_model(pipeline_dir):
+    """The budget is steps, not seconds: a step that takes longer (a busy machine) changes nothing."""
+    from dina_lrm.scorer import load_pipeline
+
+    def train(delay: float) -> tuple[list[dict], dict]:
+        pipe = load_pipeline(pipeline_dir)
+        torch.manual_seed(0)
+        model = DiNaLRM(tiny_config(), pipe.transformer)
+        table, sampler = SigmaTable.from_scheduler(pipe.scheduler), NoiseSampler("uniform")
+        batches = PairBatches(brightness_pairs(32, seed=0), SD3PromptEncoder.from_pipeline(pipe), batch_size=8, seed=0)
+
+        def step(batch, generator):
+            time.sleep(delay)
+            return preference_step(model, batch, table, sampler, generator=generator)
+
+        history = fit_pairs(step, model.parameters(), batches, FitConfig(max_steps=6, log_every=3))
+        return history, {k: v.clone() for k, v in model.state_dict().items() if "lora" in k or "reward_head" in k}
+
+    (idle_history, idle), (busy_history, busy) = train(0.0), train(0.05)
+    assert [h["step"] for h in busy_history] == [h["step"] for h in idle_history] == [3, 6, 6]
+    assert busy_history[-1]["seconds"] > idle_history[-1]["seconds"]
+    assert [h.get("loss") for h in busy_history] == [h.get("loss") for h in idle_history]
+    for name, value in idle.items():
+        torch.testing.assert_close(busy[name], value, rtol=0, atol=0)

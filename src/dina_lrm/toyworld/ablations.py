@@ -34,17 +34,16 @@ from dina_lrm.scorer import Scorer, load_pipeline
 from dina_lrm.toyworld.ablations_report import write_ablation_report
 from dina_lrm.toyworld.alignment import in_workers
 from dina_lrm.toyworld.benchmark import write_toy_benchmark
-from dina_lrm.toyworld.demo import DEMO_MODEL, U_GRID, build_preference_data, load_generator
+from dina_lrm.toyworld.demo import DEMO_MODEL, U_GRID, build_preference_data, dina_step_fn, load_generator
 from dina_lrm.toyworld.generator import T5_TOKENS, decode_latents, encode_latents, images_to_tensor
 from dina_lrm.toyworld.lrm_baseline import PooledCosineLRM, lrm_preference_step
 from dina_lrm.toyworld.pixel_reward import PixelReward, decode_for_reward, pixel_preference_step
 from dina_lrm.toyworld.preferences import PreferenceDataConfig
 from dina_lrm.toyworld.rewards import CLAUSES, JUDGE, clause_rates
 from dina_lrm.train.pairs import FitConfig, PairBatches, fit_pairs, step_flops
-from dina_lrm.train.step import preference_step
 
 ENSEMBLE = (0.2, 0.5, 0.7)  # the paper's test-time levels
-GAP_BINS = ((0.0, 0.1), (0.1, 0.2), (0.2, 1.01))  # judge-score gaps of held-out pairs; one clause of a relation prompt is ~0.095
+GAP_BINS = {"gap < 0.1": (-1.0, 0.1), "0.1-0.2": (0.1, 0.2), "gap >= 0.2": (0.2, 2.0)}  # one clause of a relation prompt is ~0.095
 
 
 @dataclass(frozen=True)
@@ -131,10 +130,11 @@ def build_model(variant: Variant, transformer, text_widths: tuple[int, int]):
 def step_function(variant: Variant, model, pipe, sigma_table: SigmaTable):
     if variant.reward == "pixel":
         return lambda batch, generator: pixel_preference_step(model, pipe.vae, batch, generator)
+    if variant.reward == "dina":
+        return dina_step_fn(model, sigma_table)
     training = model.config.training
     sampler = NoiseSampler.from_release(training.t_weighting_scheme, training.t_weighting_scheme_param)
-    step = lrm_preference_step if variant.reward == "lrm" else preference_step
-    return lambda batch, generator: step(model, batch, sigma_table, sampler, generator=generator)
+    return lambda batch, generator: lrm_preference_step(model, batch, sigma_table, sampler, generator=generator)
 
 
 class PairScorer:
@@ -308,7 +308,7 @@ def run_ablations(out: str | Path, config: AblationConfig | None = None, generat
         "timings_s": {"data_and_costs": round(data_seconds, 1), "total": None},
     }
     summary["table"] = ablation_table(summary, credits)
-    summary["claims"] = paper_claims(summary["table"])
+    summary["claims"] = paper_claims(summary, credits, summary["table"])
     summary["timings_s"]["total"] = round(time.perf_counter() - started, 1)
     write_ablation_report(out, summary)
     (out / "ablations.json").write_text(json.dumps(summary, indent=1))
@@ -347,10 +347,22 @@ def interval(values: np.ndarray, groups: list, resamples: int) -> dict:
     return {"accuracy": float(np.mean(values)), "ci": list(bootstrap_interval(values, groups, resamples=resamples)), "pairs": len(values)}
 
 
+def row_credits(summary: dict, credits: dict, name: str) -> tuple[dict[str, np.ndarray], str]:
+    """Per held-out pair, the seed-mean credit of one row at each of its settings, plus ``best`` (the
+    setting with the highest mean) and ``high_noise`` (the mean over the settings with u >= 0.4); and
+    the name of the best setting."""
+    config = summary["config"]
+    row, key = ROW_BY_NAME[name], next(r["training"] for r in summary["rows"] if r["name"] == name)
+    per_setting = {s: seed_mean(credits, key, config["seeds"], "heldout", s) for s in row_settings(row, config["u_grid"])}
+    best = max(per_setting, key=lambda s: per_setting[s].mean())
+    high = [v for s, v in per_setting.items() if s[0].isdigit() and float(s) >= 0.4]
+    return {**per_setting, "best": per_setting[best], "high_noise": np.mean(high, axis=0) if high else per_setting[best]}, best
+
+
 def ablation_table(summary: dict, credits: dict) -> dict:
     """Every number of the table, from the per-pair credits alone (and the pairs' prompts, sources and
     clauses): per row, accuracy per u, the best setting (chosen on the held-out pairs, the same way for
-    every row), held-out / generated-pair / benchmark accuracy there with intervals, and per clause."""
+    every row), held-out / generated-pair / benchmark accuracy there with intervals, per clause and by gap."""
     config, data = summary["config"], summary["data"]
     seeds, resamples = config["seeds"], config["resamples"]
     heldout_groups, sources, clauses = data["heldout"]["groups"], data["heldout"]["sources"], data["heldout"]["clauses"]
@@ -360,23 +372,20 @@ def ablation_table(summary: dict, credits: dict) -> dict:
     gaps = np.asarray(data["heldout"]["gaps"])
     table = {}
     for entry in summary["rows"]:
-        row = ROW_BY_NAME[entry["name"]]
         key = entry["training"]
-        names = row_settings(row, config["u_grid"])
-        per_setting = {s: seed_mean(credits, key, seeds, "heldout", s) for s in names}
-        best = max(names, key=lambda s: per_setting[s].mean())
-        credit = per_setting[best]
-        table[row.name] = {
-            "per_u": {s: float(v.mean()) for s, v in per_setting.items()} if len(names) > 1 else {},
+        per_setting, best = row_credits(summary, credits, entry["name"])
+        credit = per_setting["best"]
+        settings_only = {s: v for s, v in per_setting.items() if s not in ("best", "high_noise")}
+        table[entry["name"]] = {
+            "per_u": {s: float(v.mean()) for s, v in settings_only.items()} if len(settings_only) > 1 else {},
             "best": best,
             "heldout": interval(credit, heldout_groups, resamples),
             "generated": interval(credit[generated], [g for g, keep in zip(heldout_groups, generated) if keep], resamples),
             "benchmark": interval(seed_mean(credits, key, seeds, "benchmark", best), data["benchmark"]["groups"], resamples),
             "per_seed": [float(np.mean(credits[f"{key}/seed{seed}/heldout/{best}"])) for seed in seeds],
             "clauses": {kind: subset_accuracy(credit, mask) for kind, mask in by_clause.items()},
-            "by_gap": {f"{low:.2f}-{high:.2f}": subset_accuracy(credit, (gaps >= low) & (gaps < high)) for low, high in GAP_BINS},
-            "high_noise": interval(np.mean([v for s, v in per_setting.items() if s[0].isdigit() and float(s) >= 0.4], axis=0)
-                                   if len(names) > 1 else credit, heldout_groups, resamples),
+            "by_gap": {name: subset_accuracy(credit, (gaps >= low) & (gaps < high)) for name, (low, high) in GAP_BINS.items()},
+            "high_noise": interval(per_setting["high_noise"], heldout_groups, resamples),
             "gflops_per_image": entry["gflops_per_image"],
             "steps": summary["trainings"][key]["steps"],
             "train_seconds": float(np.mean([summary["train_seconds"][f"{key}/seed{seed}"] for seed in seeds])),
@@ -384,17 +393,21 @@ def ablation_table(summary: dict, credits: dict) -> dict:
     return table
 
 
-def paper_claims(table: dict) -> list[dict]:
-    """Each direction of the paper's ablations, for the rows present: both sides with their intervals, and
-    whether it reproduces (>: the intervals do not overlap; >=: the left accuracy is at least the right)."""
+def paper_claims(summary: dict, credits: dict, table: dict) -> list[dict]:
+    """Each direction of the paper's ablations, for the rows present: both sides with their intervals and
+    whether it reproduces (>: the two intervals do not overlap; >=: the left accuracy is at least the
+    right), and beside it the paired difference on the same pairs with its bootstrap interval over prompts."""
+    groups, resamples = summary["data"]["heldout"]["groups"], summary["config"]["resamples"]
     claims = []
     for text, left, right, comparison, where in CLAIMS:
         if left not in table or right not in table:
             continue
-        field_name = "high_noise" if where == "u>=0.4" else "heldout"
-        a, b = table[left][field_name], table[right][field_name]
+        credit_key, table_key = ("high_noise", "high_noise") if where == "u>=0.4" else ("best", "heldout")
+        a, b = table[left][table_key], table[right][table_key]
         holds = a["ci"][0] > b["ci"][1] if comparison == ">" else a["accuracy"] >= b["accuracy"]
+        difference = row_credits(summary, credits, left)[0][credit_key] - row_credits(summary, credits, right)[0][credit_key]
         claims.append({"claim": text, "left": left, "right": right, "comparison": comparison, "where": where,
                        "left_accuracy": a["accuracy"], "left_ci": a["ci"], "right_accuracy": b["accuracy"], "right_ci": b["ci"],
+                       "difference": float(difference.mean()), "difference_ci": list(bootstrap_interval(difference, groups, resamples=resamples)),
                        "reproduced": bool(holds)})
     return claims

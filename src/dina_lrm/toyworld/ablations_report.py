@@ -51,12 +51,13 @@ def subset_lines(table: dict, column: str) -> list[str]:
 
 
 def claim_lines(claims: list[dict]) -> list[str]:
-    lines = ["| the paper's direction | left | right | reproduced |", "|---|---|---|---|"]
+    lines = ["| the paper's direction | left | right | reproduced (intervals apart) | paired difference [95% CI] |", "|---|---|---|---|---|"]
     for c in claims:
         left = f"{c['left']}: {100 * c['left_accuracy']:.1f} [{100 * c['left_ci'][0]:.1f}, {100 * c['left_ci'][1]:.1f}]"
         right = f"{c['right']}: {100 * c['right_accuracy']:.1f} [{100 * c['right_ci'][0]:.1f}, {100 * c['right_ci'][1]:.1f}]"
         where = " (mean over u >= 0.4)" if c["where"] == "u>=0.4" else ""
-        lines.append(f"| {c['claim']}{where} ({c['comparison']}) | {left} | {right} | {'yes' if c['reproduced'] else '**no**'} |")
+        difference = f"{100 * c['difference']:+.1f} [{100 * c['difference_ci'][0]:+.1f}, {100 * c['difference_ci'][1]:+.1f}]"
+        lines.append(f"| {c['claim']}{where} ({c['comparison']}) | {left} | {right} | {'yes' if c['reproduced'] else '**no**'} | {difference} |")
     return lines
 
 
@@ -87,8 +88,9 @@ def plot_clauses(table: dict, path: Path) -> None:
     ax.set_xticks(np.arange(len(kinds)) + 0.4 - width / 2, kinds)
     ax.axhline(0.5, color="grey", linewidth=0.8)
     ax.set_ylabel("held-out accuracy on pairs that differ in the clause")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=6, ncol=2)
+    ax.set_ylim(0, 1.3)
+    ax.set_yticks(np.arange(0, 1.01, 0.2))
+    ax.legend(fontsize=6, ncol=3, loc="upper center")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
