@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -104,7 +105,7 @@ def test_the_table_is_recomputed_from_the_saved_per_pair_credits(tiny_ablations)
 
 def test_ablations_do_not_depend_on_how_runs_are_spread_and_never_overwrite(tiny_ablations, tmp_path):
     out, config, summary = tiny_ablations
-    config.workers, config.rows = 2, config.rows[:1]
+    config = dataclasses.replace(config, workers=2, rows=config.rows[:1])
     again = run_ablations(tmp_path / "again", config)
     first, second = np.load(out / "credits.npz"), np.load(tmp_path / "again" / "credits.npz")
     for key in second.files:
