@@ -54,11 +54,11 @@ class DiNaLRM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.reward_head.query_tokens.device
+        return next(self.reward_head.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.reward_head.query_tokens.dtype
+        return next(self.reward_head.parameters()).dtype
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.base_backbone.gradient_checkpointing = enabled

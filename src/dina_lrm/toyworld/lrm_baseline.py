@@ -41,8 +41,7 @@ class PooledCosineLRM(DiNaLRM):
     def __init__(self, config, transformer: nn.Module):
         super().__init__(config, transformer)
         backbone = self.base_backbone
-        reference = self.reward_head.query_tokens
-        self.reward_head = PooledCosineHead(backbone.hidden_size, backbone.pooled_width).to(reference.device, reference.dtype)
+        self.reward_head = PooledCosineHead(backbone.hidden_size, backbone.pooled_width).to(self.device, self.dtype)
 
     def forward(self, latents, encoder_hidden_states, pooled_projections, timesteps) -> torch.Tensor:
         out = self.features(latents, encoder_hidden_states, pooled_projections, timesteps)
@@ -53,14 +52,6 @@ class PooledCosineLRM(DiNaLRM):
         latents = torch.stack(list(latents)) if not torch.is_tensor(latents) else latents
         timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(latents.shape[0], -1).expand(latents.shape[:2])
         return torch.stack([self(x, encoder_hidden_states, pooled_projections, t) for x, t in zip(latents, timesteps)]).mean(0)
-
-    @property
-    def device(self) -> torch.device:
-        return self.reward_head.logit_scale.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.reward_head.logit_scale.dtype
 
 
 def lrm_preference_step(
