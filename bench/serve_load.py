@@ -6,13 +6,21 @@ Side by side, in one run, on the toy world's shipped generator with a DiNa-LRM o
 Each server runs as its own ``dina-lrm serve`` process; the clients are threads of this process,
 each with one keep-alive connection, sending until REQUESTS requests or SECONDS have passed.
 
+Then the server against careless clients, with its default limits (idle timeout IDLE for the stalled run):
+  * many clients at once (32 x 50 requests by default): requests that failed;
+  * STALLED connections that send nothing, while one normal client keeps scoring: its latency, and
+    how long the server takes to close the stalled ones;
+  * one request with a 20 MB prompt: the status, the time to the answer, the server's RSS growth.
+
     python bench/serve_load.py [--clients 8] [--requests 40] [--seconds 30] [--max-batch 8] [--max-wait-ms 5]
+                               [--burst-clients 32] [--burst-requests 50] [--stalled 150] [--idle-timeout-s 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +34,7 @@ import torch
 
 from dina_lrm import DiNaConfig, DiNaLRM, Scorer
 from dina_lrm.scorer import load_pipeline
-from dina_lrm.serve.client import RewardClient
+from dina_lrm.serve.client import RewardClient, RewardServerError
 from dina_lrm.toyworld.demo import DEMO_MODEL
 from dina_lrm.toyworld.generator import T5_TOKENS
 
@@ -67,9 +75,9 @@ def in_process_rate(scorer: Scorer, items: list[dict], batch: int, repeats: int 
     return repeats * len(items) / (time.perf_counter() - start)
 
 
-def start_server(reward_dir: Path, max_batch: int, max_wait_ms: float) -> tuple[subprocess.Popen, str]:
+def start_server(reward_dir: Path, max_batch: int, max_wait_ms: float, *options: str) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "dina_lrm", "serve", "--reward", str(reward_dir), "--model", str(GENERATOR), "--port", "0",
-               "--max-batch-size", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--max-sequence-length", str(T5_TOKENS)]
+               "--max-batch-size", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--max-sequence-length", str(T5_TOKENS), *options]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     banner = process.stdout.readline()
     if "http://" not in banner:
@@ -80,22 +88,28 @@ def start_server(reward_dir: Path, max_batch: int, max_wait_ms: float) -> tuple[
 
 def load_test(url: str, items: list[dict], clients: int, requests: int, seconds: float) -> dict:
     latencies: list[float] = []
+    errors: Counter[str] = Counter()
     lock, warmed, go = threading.Lock(), threading.Barrier(clients + 1), threading.Barrier(clients + 1)
 
     def client(index: int):
         connection = RewardClient(url)
-        connection.score(**items[index])  # warm the connection and the server
+        connection.score(**items[index % len(items)])  # warm the connection and the server
         warmed.wait()
         go.wait()
-        mine, begin = [], time.perf_counter()
+        mine, failed, begin = [], Counter(), time.perf_counter()
         for n in range(requests):
             if time.perf_counter() - begin > seconds:
                 break
             sent = time.perf_counter()
-            connection.score(**items[(index * requests + n) % len(items)])
+            try:
+                connection.score(**items[(index * requests + n) % len(items)])
+            except (OSError, RewardServerError) as err:
+                failed[type(err).__name__] += 1
+                continue
             mine.append(time.perf_counter() - sent)
         with lock:
             latencies.extend(mine)
+            errors.update(failed)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for thread in threads:
@@ -110,7 +124,44 @@ def load_test(url: str, items: list[dict], clients: int, requests: int, seconds:
     after = Counter({int(k): v for k, v in RewardClient(url).metrics()["batch_size_histogram"].items()})
     milliseconds = np.array(latencies) * 1000
     return {"requests": len(latencies), "req_per_s": len(latencies) / elapsed, "p50_ms": float(np.percentile(milliseconds, 50)),
-            "p99_ms": float(np.percentile(milliseconds, 99)), "histogram": dict(sorted((after - before).items()))}
+            "p99_ms": float(np.percentile(milliseconds, 99)), "histogram": dict(sorted((after - before).items())), "errors": dict(errors)}
+
+
+def stalled_run(url: str, items: list[dict], stalled: int, normal_requests: int = 40) -> dict:
+    """``stalled`` connections that never send a byte, and one normal client scoring meanwhile."""
+    address = url.removeprefix("http://").split(":")
+    connections = [socket.create_connection((address[0], int(address[1]))) for _ in range(stalled)]
+    opened = time.perf_counter()
+    client, latencies = RewardClient(url), []
+    for n in range(normal_requests):
+        sent = time.perf_counter()
+        client.score(**items[n % len(items)])
+        latencies.append(time.perf_counter() - sent)
+    closed_after = []
+    for connection in connections:
+        connection.settimeout(120)
+        if connection.recv(1) == b"":
+            closed_after.append(time.perf_counter() - opened)
+        connection.close()
+    milliseconds = np.array(latencies) * 1000
+    return {"stalled": stalled, "closed": len(closed_after), "last_closed_s": max(closed_after, default=float("nan")),
+            "p50_ms": float(np.percentile(milliseconds, 50)), "p99_ms": float(np.percentile(milliseconds, 99))}
+
+
+def rss_mib(pid: int) -> float:
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(fields["VmRSS"].split()[0]) / 1024
+
+
+def big_prompt_run(url: str, pid: int, latents: torch.Tensor, chars: int = 20_000_000) -> dict:
+    before = rss_mib(pid)
+    started = time.perf_counter()
+    try:
+        RewardClient(url).score(latents, prompts=["x" * chars])
+        status = 200
+    except RewardServerError as err:
+        status = err.status
+    return {"status": status, "seconds": time.perf_counter() - started, "rss_growth_mib": rss_mib(pid) - before}
 
 
 def main() -> None:
@@ -120,6 +171,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0, help="per server mode")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--burst-clients", type=int, default=32)
+    parser.add_argument("--burst-requests", type=int, default=50, help="per burst client")
+    parser.add_argument("--stalled", type=int, default=150)
+    parser.add_argument("--idle-timeout-s", type=float, default=2.0)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         reward_dir = Path(tmp) / "reward"
@@ -134,6 +189,14 @@ def main() -> None:
             finally:
                 process.terminate()
                 process.wait()
+        process, url = start_server(reward_dir, args.max_batch, args.max_wait_ms, "--idle-timeout-s", str(args.idle_timeout_s))
+        try:
+            burst = load_test(url, items, args.burst_clients, args.burst_requests, float("inf"))
+            stalled = stalled_run(url, items, args.stalled)
+            big = big_prompt_run(url, process.pid, items[0]["latents"])
+        finally:
+            process.terminate()
+            process.wait()
     print(f"\n{args.clients} concurrent clients, 1 item (16x16x4 latent) per request, toy generator, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads\n")
     print(f"| {'mode':<40} | items/s | p50 ms | p99 ms | passes by batch size |")
@@ -142,6 +205,15 @@ def main() -> None:
         latency = f"{row['p50_ms']:6.1f} | {row['p99_ms']:6.1f}" if "p50_ms" in row else f"{'-':>6} | {'-':>6}"
         histogram = ", ".join(f"{size}: {count}" for size, count in row.get("histogram", {}).items()) or "-"
         print(f"| {label:<40} | {row['req_per_s']:7.1f} | {latency} | {histogram} |")
+    failed = sum(burst["errors"].values())
+    print(f"\nCareless clients (server defaults, idle timeout {args.idle_timeout_s:g} s):\n")
+    print("| run | result |\n|---|---|")
+    print(f"| {args.burst_clients} clients x {args.burst_requests} requests | {burst['requests']} answered, {failed} failed "
+          f"{burst['errors'] or ''}, p50 {burst['p50_ms']:.1f} ms, p99 {burst['p99_ms']:.1f} ms |")
+    print(f"| {stalled['stalled']} stalled connections + 1 normal client | {stalled['closed']} closed by the server, the last after "
+          f"{stalled['last_closed_s']:.2f} s; the normal client: p50 {stalled['p50_ms']:.1f} ms, p99 {stalled['p99_ms']:.1f} ms |")
+    print(f"| one request with a 20 MB prompt | HTTP {big['status']} after {big['seconds']:.2f} s; server RSS "
+          f"{big['rss_growth_mib']:+.1f} MiB |")
 
 
 if __name__ == "__main__":

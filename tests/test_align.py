@@ -2,6 +2,7 @@
 tiny generator, resume, and bad configurations."""
 
 import math
+import pickle
 from dataclasses import asdict
 from pathlib import Path
 
@@ -163,6 +164,36 @@ def test_resume_continues_exactly(pipeline_dir, reward_dir, prompt_file, tmp_pat
     for key, value in straight.lora_state().items():
         torch.testing.assert_close(resumed.lora_state()[key], value, rtol=1e-5, atol=1e-6)
     assert [r["reward_mean"] for r in history[1:]] == pytest.approx([r["reward_mean"] for r in straight.history[1:]], abs=1e-6)
+
+
+def test_resume_never_unpickles_and_skips_a_damaged_checkpoint(pipeline_dir, reward_dir, prompt_file, tmp_path):
+    run = Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "run"))
+    run.run()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_000002", "step_000004"]
+    assert not [p for p in checkpoints.rglob("*") if p.suffix in (".pt", ".pkl", ".bin")]
+    marker = tmp_path / "pwned"
+    (checkpoints / "step_000004" / "optimizer.pt").write_bytes(pickle.dumps(PlantedPayload(str(marker))))
+    with pytest.raises(ValueError, match="optimizer.pt is a pickle file"):
+        Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "run")).resume(checkpoints / "step_000004")
+    (checkpoints / "step_000004" / "optimizer.pt").unlink()
+    lora = checkpoints / "step_000004" / "lora.safetensors"
+    lora.write_bytes(lora.read_bytes()[:100])
+    with pytest.raises(ValueError, match="lora.safetensors is damaged"):
+        Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "run")).resume(checkpoints / "step_000004")
+    resumed = Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "run"))
+    resumed.resume("latest")
+    assert resumed.step == 2 and not marker.exists()
+
+
+class PlantedPayload:
+    """Unpickling this creates the marker file: proof that a pickle was loaded."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
 
 
 def test_sampled_trajectory_shapes_and_ode_gradients(pipeline_dir):

@@ -92,8 +92,8 @@ def test_eval_end_to_end(benchmark, reward_dir, pipeline_dir, tmp_path):
 
     shards = sorted((out / "latents").glob("shard-*.parquet"))
     stamps = [p.stat().st_mtime_ns for p in shards]
-    again = evaluate(config(benchmark, reward_dir, pipeline_dir, out, u_values=[0.2]))
-    assert [p.stat().st_mtime_ns for p in shards] == stamps  # the latent cache was reused, not rebuilt
+    again = evaluate(config(benchmark, reward_dir, pipeline_dir, out, u_values=[0.2]), overwrite=True)
+    assert [p.stat().st_mtime_ns for p in shards] == stamps  # the latent cache was reused (kept by --overwrite), not rebuilt
     assert again["settings"]["DiNa-LRM u=0.2"]["accuracy"] == settings["DiNa-LRM u=0.2"]["accuracy"]
 
 

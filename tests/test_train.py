@@ -107,8 +107,8 @@ def test_resume_from_the_half_way_checkpoint_ends_where_the_uninterrupted_run_en
     train(resumed, resume="latest")
 
     end_whole = load_file(str(whole.paths.run_dir / "checkpoints" / "step-0000008" / TRAINABLE_NAME))
-    end_resumed = load_file(str(latest_checkpoint(resumed.paths.run_dir) / TRAINABLE_NAME))
-    assert latest_checkpoint(resumed.paths.run_dir).name == "step-0000008"
+    end_resumed = load_file(str(latest_checkpoint(resumed.paths.run_dir)[0] / TRAINABLE_NAME))
+    assert latest_checkpoint(resumed.paths.run_dir)[0].name == "step-0000008"
     for name, value in end_whole.items():
         torch.testing.assert_close(end_resumed[name], value, rtol=1e-5, atol=1e-6)
     whole_losses = {r["step"]: r["train/loss"] for r in metrics(whole.paths.run_dir)}

@@ -75,7 +75,7 @@ def run_prepare(args) -> int:
 
     fields = {f.name for f in dataclasses.fields(PrepareConfig)}
     config = PrepareConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
-    index_path = prepare(config)
+    index_path = prepare(config, overwrite=args.overwrite)
     if index_path is not None:
         from dina_lrm.data.records import ReadReport
 
@@ -92,7 +92,7 @@ def run_train(args) -> int:
     from dina_lrm.config import load_config
     from dina_lrm.train.trainer import train
 
-    final = train(load_config(args.config, args.set), resume=args.resume)
+    final = train(load_config(args.config, args.set), resume=args.resume, overwrite=args.overwrite)
     if PartialState().is_main_process:
         print(f"Wrote the reward model (EMA weights) to {final}")
     return 0
@@ -102,6 +102,7 @@ EVAL_FLAGS = {
     "format": "format", "input": "input", "out": "out", "reward": "reward", "model": "model", "images_root": "images_root",
     "latent_cache": "latent_cache", "u": "u_values", "draws": "draws", "levels": "level_sets", "extra_reward": "extra_rewards",
     "batch_size": "batch_size", "seed": "seed", "resamples": "bootstrap_resamples", "skip_missing": "skip_missing",
+    "allow_outside_root": "allow_outside_root",
     "device": "device", "dtype": "dtype", "max_sequence_length": "max_sequence_length", "reference_size": "reference_size",
 }
 
@@ -122,7 +123,8 @@ def config_from_args(args, flags: dict[str, str]) -> dict:
         if not Path(args.config).is_file():
             raise FileNotFoundError(f"{args.command} config not found: {args.config}")
         raw = yaml.safe_load(Path(args.config).read_text()) or {}
-    raw.update({key: getattr(args, flag) for flag, key in flags.items() if getattr(args, flag) not in (None, False)})
+    given = {flag: getattr(args, flag) for flag in flags}
+    raw.update({key: given[flag] for flag, key in flags.items() if given[flag] is not None and given[flag] is not False})
     return raw
 
 
@@ -130,7 +132,7 @@ def run_eval(args) -> int:
     from dina_lrm.eval.runner import EvalConfig, evaluate
 
     raw = config_from_args(args, EVAL_FLAGS)
-    summary = evaluate(EvalConfig.from_dict(raw))
+    summary = evaluate(EvalConfig.from_dict(raw), overwrite=args.overwrite)
     if summary is not None:
         print((Path(raw.get("out", EvalConfig.out)) / "report.md").read_text())
     return 0
@@ -138,7 +140,8 @@ def run_eval(args) -> int:
 
 SERVE_FLAGS = {name: name for name in (
     "reward", "model", "host", "port", "device", "dtype", "max_batch_size", "max_wait_ms", "max_request_mb", "default_u",
-    "max_sequence_length",
+    "max_sequence_length", "max_prompts", "max_prompt_chars", "idle_timeout_s", "header_timeout_s", "body_timeout_s",
+    "max_connections", "backlog", "api_key",
 )}
 
 
@@ -157,7 +160,7 @@ def run_align(args) -> int:
     from dina_lrm.config import apply_overrides
 
     raw = config_from_args(args, {"out": "out", "max_steps": "max_steps"})
-    history = align(AlignConfig.from_dict(apply_overrides(raw, args.set)), resume=args.resume)
+    history = align(AlignConfig.from_dict(apply_overrides(raw, args.set)), resume=args.resume, overwrite=args.overwrite)
     if PartialState().is_main_process:
         first, last = history[0], history[-1]
         out = Path(raw.get("out", "align_out"))
@@ -206,14 +209,14 @@ def run_demo(args) -> int:
     data = {k: getattr(args, k) for k in ("train_prompts", "test_prompts", "flip_rate") if getattr(args, k) is not None}
     demo_options = {"steps": args.steps} if args.steps is not None else {}
     config = DemoConfig(data=PreferenceDataConfig(seed=args.seed, **data), seed=args.seed, **demo_options)
-    demo(Path(args.out), config, generator_dir=args.generator, from_scratch=args.from_scratch)
+    demo(Path(args.out), config, generator_dir=args.generator, from_scratch=args.from_scratch, overwrite=args.overwrite)
     return 0
 
 
 def run_pretrain(args) -> int:
     from dina_lrm.toyworld.pretrain import PretrainConfig, pretrain
 
-    overrides = {k: getattr(args, k) for k in ("vae_steps", "generator_steps", "dataset_size", "vae_from", "save_dtype") if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ("vae_steps", "generator_steps", "dataset_size", "vae_from", "generator_from", "save_dtype") if getattr(args, k) is not None}
     pretrain(Path(args.out), PretrainConfig(seed=args.seed, **overrides))
     print(f"Wrote the toy generator to {args.out} (load it with dina_lrm.scorer.load_pipeline)")
     return 0
@@ -242,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = commands.add_parser("prepare", help="encode a preference dataset into latent shards for training")
     prepare.add_argument("--format", required=True, help="pickapic, hpdv3, imagereward or generic")
     prepare.add_argument("--input", required=True, help="dataset file or directory (see docs/data.md)")
-    prepare.add_argument("--out", required=True, help="shard directory to write (rerun to resume)")
+    prepare.add_argument("--out", required=True, help="shard directory to write (rerun with the same settings to resume)")
+    prepare.add_argument("--overwrite", action="store_true", help="replace the shards of an earlier prepare with other settings in --out")
     prepare.add_argument("--model", required=True, help="generator pipeline whose VAE encodes the images")
     prepare.add_argument("--images-root", help="where relative image paths start (default: the dataset file's folder)")
     prepare.add_argument("--reference-size", type=int, help="bucket area = SIZE^2 pixels (default: the generator's native size)")
@@ -256,13 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train DiNa-LRM on prepared shards (run under `accelerate launch` for several GPUs)")
     train.add_argument("--config", required=True, help="YAML (or the release's JSON) training configuration")
-    train.add_argument("--resume", help="'latest' or a checkpoint directory to continue from")
+    train.add_argument("--resume", help="'latest' (the newest checkpoint that verifies) or a checkpoint directory to continue from")
+    train.add_argument("--overwrite", action="store_true", help="replace an earlier run in the run directory")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. training.max_steps=100")
     train.set_defaults(func=run_train)
 
     evaluate = commands.add_parser("eval", help="pairwise accuracy on a benchmark, with intervals, ensembles, costs and plots "
                                    "(run under `accelerate launch` for several GPUs)")
     evaluate.add_argument("--config", help="YAML with EvalConfig keys; flags override it")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     evaluate.add_argument("--format", help="hpdv2, imagereward, hpdv3, genai_bench, pickapic or generic (see docs/eval.md)")
     evaluate.add_argument("--input", help="the benchmark's annotation file or parquet directory")
     evaluate.add_argument("--images-root", help="where relative image paths start (default: the annotation file's folder)")
@@ -280,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, help="noise and bootstrap seed (default 0)")
     evaluate.add_argument("--resamples", type=int, help="bootstrap resamples (default 1000)")
     evaluate.add_argument("--skip-missing", action="store_true", help="evaluate without missing or unreadable images")
+    evaluate.add_argument("--allow-outside-root", action="store_true", help="read image paths that lead outside the images root (absolute, ../)")
     evaluate.add_argument("--device", help="default: this process's accelerator")
     evaluate.add_argument("--dtype", choices=sorted(DTYPES))
     evaluate.add_argument("--max-sequence-length", type=int, help="T5 tokens, as the reward model was trained (default 128)")
@@ -290,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="YAML with ServeConfig keys; flags override it")
     serve.add_argument("--reward", help="reward model directory (config.json + checkpoint/)")
     serve.add_argument("--model", help="generator pipeline: local directory or hub id")
-    serve.add_argument("--host", help="address to bind (default 127.0.0.1; the server has no authentication)")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1; another address without --api-key warns)")
     serve.add_argument("--port", type=int, help="default 8000; 0 picks a free port (printed at start)")
     serve.add_argument("--device", help="default cpu")
     serve.add_argument("--dtype", choices=sorted(DTYPES), help="default float32")
@@ -299,6 +306,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-request-mb", type=float, help="larger request bodies get HTTP 413 (default 64)")
     serve.add_argument("--default-u", type=float, help="noise level when a request gives none (default 0.4)")
     serve.add_argument("--max-sequence-length", type=int, help="T5 tokens when the server encodes prompts (default 128)")
+    serve.add_argument("--max-prompts", type=int, help="prompts per request; more get HTTP 413 (default 256)")
+    serve.add_argument("--max-prompt-chars", type=int, help="characters per prompt; longer get HTTP 413 (default 2000)")
+    serve.add_argument("--idle-timeout-s", type=float, help="close a connection that sends no request for this long (default 30)")
+    serve.add_argument("--header-timeout-s", type=float, help="request line and headers must arrive within this (default 10)")
+    serve.add_argument("--body-timeout-s", type=float, help="the body must arrive within this, else HTTP 408 (default 60)")
+    serve.add_argument("--max-connections", type=int, help="open connections; more get HTTP 503 (default 256)")
+    serve.add_argument("--backlog", type=int, help="listen queue length (default 128)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /healthz "
+                       "(default: $DINA_LRM_API_KEY; none: no authentication)")
     serve.set_defaults(func=run_serve)
 
     aligner = commands.add_parser("align", help="align a generator's LoRA with a reward: Flow-GRPO, ReFL or DRaFT-K "
@@ -306,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     aligner.add_argument("--config", required=True, help="YAML with AlignConfig keys")
     aligner.add_argument("--out", help="output directory (default align_out)")
     aligner.add_argument("--max-steps", type=int, help="(default: the config's)")
-    aligner.add_argument("--resume", help="'latest' or a checkpoint directory to continue from")
+    aligner.add_argument("--resume", help="'latest' (the newest checkpoint that verifies) or a checkpoint directory to continue from")
+    aligner.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     aligner.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. reward.u=0.3")
     aligner.set_defaults(func=run_align)
 
@@ -320,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--test-prompts", type=int, help="(default: PreferenceDataConfig's)")
     demo.add_argument("--flip-rate", type=float, help="share of training labels the noisy rater flips (default 0.2)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--overwrite", action="store_true", help="replace a demo with other settings in --out")
     demo.set_defaults(func=run_demo)
 
     toyworld = commands.add_parser("toyworld", help="the toy world's generator").add_subparsers(dest="action", required=True)
@@ -330,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--generator-steps", type=int, help="generator training steps (default: PretrainConfig's)")
     pretrain.add_argument("--dataset-size", type=int, help="renders the generator trains on (default: PretrainConfig's)")
     pretrain.add_argument("--vae-from", help="reuse the VAE of this toy pipeline directory instead of training one")
+    pretrain.add_argument("--generator-from", help="continue training this toy pipeline directory's generator (its VAE is kept)")
     pretrain.add_argument("--save-dtype", choices=sorted(DTYPES), help="precision of the saved weights (default float32)")
     pretrain.set_defaults(func=run_pretrain)
     toy_align = toyworld.add_parser("align", help="the alignment experiment: ReFL and GRPO with DiNa-LRM, the pixel reward and "

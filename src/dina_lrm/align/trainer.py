@@ -47,7 +47,9 @@ from dina_lrm.distributed import cpu_only
 from dina_lrm.eval.cost import MemoryMeter
 from dina_lrm.models.sd3_text import SD3PromptEncoder
 from dina_lrm.noise import SigmaTable
+from dina_lrm.outputs import claim_output
 from dina_lrm.scorer import DTYPES, load_pipeline, vae_scale_factor
+from dina_lrm.train.checkpoint import load_state, newest_verified, save_state, verify, write_manifest
 
 
 def latent_shape(transformer, vae, resolution: int | None) -> tuple[int, int, int]:
@@ -59,6 +61,9 @@ def latent_shape(transformer, vae, resolution: int | None) -> tuple[int, int, in
         raise ValueError(f"resolution {resolution} must be a multiple of {multiple} (VAE factor x patch size)")
     side = resolution // vae_scale_factor(vae)
     return (config.in_channels, side, side)
+
+
+ALIGN_OUTPUTS = ["checkpoints", "metrics.jsonl", "lora", "best", "samples", "history.json", "summary.json"]
 
 
 class Aligner:
@@ -392,29 +397,34 @@ class Aligner:
                 save_file(self.best_lora, str(directory / "best_lora.safetensors"))
             if self.ema is not None:
                 save_file(self.ema.state_dict(), str(directory / "ema.safetensors"))
-            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+            save_state(self.optimizer.state_dict(), directory, "optimizer")
             state = {"step": self.step, "train_seconds": self.train_seconds, "train_cpu_seconds": self.train_cpu_seconds,
                      "history": self.history, "test": self.test, "config": asdict(self.config)}
             (directory / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            write_manifest(directory)
         self.accelerator.wait_for_everyone()
         return directory
 
     def resume(self, checkpoint: str | Path) -> None:
+        """Load a checkpoint (``"latest"``: the newest that verifies); data only, never a pickle."""
         directory = Path(checkpoint)
         if str(checkpoint) == "latest":
             found = sorted((self.out / "checkpoints").glob("step_*"))
             if not found:
                 raise FileNotFoundError(f"no checkpoint to resume under {self.out / 'checkpoints'}")
-            directory = found[-1]
+            directory, skipped = newest_verified(found)
+            for line in skipped:
+                self.accelerator.print(line)
         if not (directory / "trainer_state.json").is_file():
             raise FileNotFoundError(f"not an alignment checkpoint: {directory} (no trainer_state.json)")
+        verify(directory)
         state = json.loads((directory / "trainer_state.json").read_text())
         self.load_lora_state(load_file(str(directory / "lora.safetensors")), directory)
         if (directory / "best_lora.safetensors").is_file():
             self.best_lora = load_file(str(directory / "best_lora.safetensors"))
         if self.ema is not None:
             self.ema.load_state_dict(load_file(str(directory / "ema.safetensors")))
-        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+        self.optimizer.load_state_dict(load_state(directory, "optimizer"))
         self.step, self.history, self.test = state["step"], state["history"], state["test"]
         self.train_seconds, self.train_cpu_seconds = state["train_seconds"], state["train_cpu_seconds"]
         self.guard = JudgeGuard.from_history(self.history, self.config.early_stop_patience, self.config.divergence_tolerance)
@@ -423,13 +433,16 @@ class Aligner:
 
     # The loop ---------------------------------------------------------------------------------
 
-    def run(self, resume: str | Path | None = None) -> list[dict]:
-        """Train for max_steps (or until the judge stops improving); returns the logged history."""
+    def run(self, resume: str | Path | None = None, overwrite: bool = False) -> list[dict]:
+        """Train for max_steps (or until the judge stops improving); returns the logged history.
+        An ``out`` folder that holds another run is refused unless ``overwrite``."""
         config = self.config
+        if self.accelerator.is_main_process:
+            settings = {k: v for k, v in asdict(config).items() if k != "out"}
+            claim_output(self.out, "align", settings, ALIGN_OUTPUTS, overwrite=overwrite, resume=bool(resume))
+        self.accelerator.wait_for_everyone()
         if resume:
             self.resume(resume)
-        if self.accelerator.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
         if not self.history:
             self.evaluate_test("base")
             self.log_evaluated({"step": 0, "train_seconds": 0.0, "train_cpu_seconds": 0.0, **self.evaluate()})
@@ -502,5 +515,5 @@ def save_sample_grid(vae, latents: torch.Tensor, path: Path, columns: int = 8) -
     return path
 
 
-def align(config: AlignConfig, resume: str | Path | None = None, pipe=None) -> list[dict]:
-    return Aligner(config, pipe=pipe).run(resume)
+def align(config: AlignConfig, resume: str | Path | None = None, pipe=None, overwrite: bool = False) -> list[dict]:
+    return Aligner(config, pipe=pipe).run(resume, overwrite)

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from dina_lrm.data.parquet import parquet_file, read_row_group, read_table
 from dina_lrm.data.shards import INDEX_NAME, decode_latents, read_index
 
 PAIR_COLUMNS = ["prompt", "chosen", "rejected", "latent_shape", "confidence"]
@@ -69,12 +69,12 @@ class PairDataset(Dataset):
                 if not shard["rows"]:
                     continue
                 path = directory / shard["file"]
-                metadata = pq.ParquetFile(path).metadata
+                metadata = parquet_file(path).metadata
                 sizes = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
                 self.files.append(ShardFile(path, np.cumsum([0] + sizes[:-1])))
                 shard_of.append(np.full(shard["rows"], len(self.files) - 1))
                 row_of.append(np.arange(shard["rows"]))
-                buckets += pq.read_table(path, columns=["bucket"]).column("bucket").to_pylist()
+                buckets += read_table(path, columns=["bucket"]).column("bucket").to_pylist()
         self.shard_of, self.row_of = np.concatenate(shard_of), np.concatenate(row_of)
         self.bucket_names = sorted(set(buckets))
         lookup = {name: i for i, name in enumerate(self.bucket_names)}
@@ -89,7 +89,7 @@ class PairDataset(Dataset):
         key = (shard, group)
         if key not in self._cache:
             columns = PAIR_COLUMNS + (EMBED_COLUMNS if self.has_prompt_embeds else [])
-            self._cache[key] = pq.ParquetFile(self.files[shard].path).read_row_group(group, columns=columns).to_pydict()
+            self._cache[key] = read_row_group(self.files[shard].path, group, columns).to_pydict()
             while len(self._cache) > self.cache_row_groups:
                 self._cache.popitem(last=False)
         return self._cache[key]

@@ -30,6 +30,7 @@ from dina_lrm.data.readers import DEFAULT_GROUPS_PER_UNIT, InvalidRow, WorkUnit,
 from dina_lrm.data.records import ImageSource, PreferenceGroup, ReadReport
 from dina_lrm.data.shards import PairRecord, shard_metadata, write_index, write_shard
 from dina_lrm.distributed import cpu_only
+from dina_lrm.outputs import claim_output
 
 logger = logging.getLogger(__name__)
 
@@ -174,14 +175,20 @@ def pending_units(units: list[WorkUnit], out: Path, state: PartialState, finishe
     return todo
 
 
-def prepare(config: PrepareConfig, pipe=None) -> Path | None:
+PREPARE_OUTPUTS = ["shard-*.parquet", "index.json"]
+
+
+def prepare(config: PrepareConfig, pipe=None, overwrite: bool = False) -> Path | None:
     """Run (or resume) the job on this process's share of units; the main process writes and
-    returns the index path (other ranks return None)."""
+    returns the index path (other ranks return None). An ``out`` folder prepared with other
+    settings is refused unless ``overwrite`` (which removes its shards first)."""
     from dina_lrm.scorer import DTYPES, load_pipeline
 
     state = PartialState(cpu=cpu_only())
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if state.is_main_process:
+        claim_output(out, "prepare", _settings(config), PREPARE_OUTPUTS, overwrite=overwrite, continues=True)
+    state.wait_for_everyone()
     units = dataset_units(config.format, config.input, config.images_root, config.groups_per_shard)
     todo = pending_units(units, out, state)
     if todo:
@@ -196,5 +203,8 @@ def prepare(config: PrepareConfig, pipe=None) -> Path | None:
     missing = [u.name for u in units if not shard_path(out, u).is_file()]
     if missing:
         raise RuntimeError(f"{len(missing)} work units have no shard (e.g. {missing[:3]}); rerun to finish them")
-    metadata = {k: v for k, v in asdict(config).items() if k != "out"}
-    return write_index(out, metadata)
+    return write_index(out, _settings(config))
+
+
+def _settings(config: PrepareConfig) -> dict:
+    return {k: v for k, v in asdict(config).items() if k != "out"}

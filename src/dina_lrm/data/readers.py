@@ -32,8 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
 
+from dina_lrm.data.parquet import parquet_file, read_row_group
 from dina_lrm.data.records import PreferenceGroup, ReadReport
 
 DEFAULT_GROUPS_PER_UNIT = 512
@@ -124,7 +124,7 @@ def _parquet_units(path: Path, to_group, columns: list[str], required: list[str]
     """One unit per parquet row group, so a unit never needs more than one row group in memory."""
     units = []
     for file in _parquet_files(path):
-        parquet = pq.ParquetFile(file)
+        parquet = parquet_file(file)
         metadata = parquet.metadata
         missing = [c for c in required if c not in parquet.schema_arrow.names]
         if missing:
@@ -134,9 +134,7 @@ def _parquet_units(path: Path, to_group, columns: list[str], required: list[str]
             rows = metadata.row_group(group).num_rows
 
             def read(file=file, group=group, start=start):
-                parquet = pq.ParquetFile(file)
-                table = parquet.read_row_group(group, columns=[c for c in columns if c in parquet.schema_arrow.names])
-                return _convert(table.to_pylist(), to_group, start)
+                return _convert(read_row_group(file, group, columns).to_pylist(), to_group, start)
 
             units.append(WorkUnit(len(units), f"{file.name}:rg{group}", read))
             start += rows

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from dina_lrm.data.parquet import naming_the_file, read_table
 from dina_lrm.data.records import ReadReport
 
 FORMAT = "dina-lrm/preference-shards"
@@ -139,10 +140,8 @@ def write_shard(path: str | Path, records: Iterable[PairRecord], report: ReadRep
 
 
 def shard_metadata(path: Path) -> dict:
-    try:
+    with naming_the_file(path):
         raw = pq.read_schema(path).metadata or {}
-    except (OSError, pa.ArrowInvalid) as err:
-        raise ValueError(f"shard {path} is unreadable (corrupt or truncated): {err}") from err
     if METADATA_KEY not in raw:
         raise ValueError(f"{path} is not a dina-lrm preference shard (no {METADATA_KEY.decode()} metadata)")
     return json.loads(raw[METADATA_KEY])
@@ -226,7 +225,7 @@ def load_preference_shards(directory: str | Path) -> PairTable:
     """Read every shard listed in the index into one ``PairTable`` (all pairs must share one bucket)."""
     index = read_index(directory)
     columns = ["prompt", "chosen", "rejected", "latent_shape", "confidence", "source", "group_id"]
-    table = pa.concat_tables(pq.read_table(Path(directory) / s["file"], columns=columns) for s in index["shards"])
+    table = pa.concat_tables(read_table(Path(directory) / s["file"], columns=columns) for s in index["shards"])
     shapes = table.column("latent_shape").to_pylist()
     return PairTable(
         prompts=table.column("prompt").to_pylist(),

@@ -22,6 +22,7 @@ import torch
 from accelerate import PartialState
 from tqdm import tqdm
 
+from dina_lrm.data.parquet import read_table
 from dina_lrm.data.prepare import LatentEncoder, PrepareConfig, pending_units, shard_path
 from dina_lrm.data.readers import WorkUnit
 from dina_lrm.data.records import PreferenceGroup, ReadReport
@@ -103,7 +104,7 @@ def load_latent_cache(directory: str | Path) -> dict[tuple[str, int], tuple[byte
     :func:`decode_latent`."""
     entries = {}
     for path in sorted(Path(directory).glob("shard-*.parquet")):
-        table = pq.read_table(path, columns=["group_id", "image_index", "latent", "latent_shape"])
+        table = read_table(path, columns=["group_id", "image_index", "latent", "latent_shape"])
         for group_id, index, blob, shape in zip(*(table.column(c).to_pylist() for c in table.column_names)):
             entries[(group_id, index)] = (blob, shape)
     return entries

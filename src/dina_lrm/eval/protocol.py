@@ -37,6 +37,7 @@ class Census:
     invalid_rows: dict = field(default_factory=dict)  # reason -> count (one-image groups among them)
     missing_images: int = 0
     groups_dropped_for_missing: int = 0
+    images_outside_root: int = 0  # read only with --allow-outside-root
 
     @classmethod
     def of(cls, groups: list[PreferenceGroup], report: ReadReport) -> Census:

@@ -116,7 +116,9 @@ def report_markdown(summary: dict) -> str:
         f"{bench['prompts']} prompts, {bench['images']} images, **{bench['pairs']} compared pairs**. Left out: "
         f"{bench['tied_pairs']} pairs tied in human rank, {bench['all_tied_prompts']} prompts whose images are all tied, "
         f"invalid rows {bench['invalid_rows'] or 'none'}, {bench['missing_images']} missing images "
-        f"({bench['groups_dropped_for_missing']} prompts dropped).", "",
+        f"({bench['groups_dropped_for_missing']} prompts dropped)."
+        + (f" {bench['images_outside_root']} images read from outside the images root (--allow-outside-root)."
+           if bench.get("images_outside_root") else ""), "",
         f"Protocol: {TIE_RULE}", "",
         "| setting | accuracy | 95% CI | pairs | prompts | latents (images)/s | peak MiB | GFLOPs/image |",
         "|---|---|---|---|---|---|---|---|",

@@ -9,6 +9,7 @@ the ensembles (noise draws at the best u, and multi-level sets).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from dina_lrm.eval.cost import MemoryMeter, scoring_flops
 from dina_lrm.eval.latent_cache import build_latent_cache, decode_latent, load_latent_cache
 from dina_lrm.eval.protocol import Census, PairIndex, accuracy_summary, calibration
 from dina_lrm.eval.reward_fn import DiNaRewardFn, RewardFn, Setting
+from dina_lrm.outputs import claim_output
 
 
 @dataclass
@@ -49,6 +51,7 @@ class EvalConfig:
     bootstrap_resamples: int = 1000
     calibration_bins: int = 5
     skip_missing: bool = False
+    allow_outside_root: bool = False  # read image paths that lead outside the images root (absolute, ../)
     device: str | None = None  # default: this process's accelerator (or cpu)
     dtype: str = "float32"
     max_sequence_length: int = 128
@@ -95,6 +98,22 @@ def image_problems(groups: list[PreferenceGroup]) -> list[tuple[str, str, str]]:
     return problems
 
 
+def images_root(config: EvalConfig) -> Path:
+    """Where the benchmark's images must lie: ``images_root``, else the dataset's own folder."""
+    if config.images_root:
+        return Path(config.images_root)
+    return Path(config.input) if Path(config.input).is_dir() else Path(config.input).parent
+
+
+def images_outside(groups: list[PreferenceGroup], root: Path) -> list[tuple[str, str]]:
+    """(group id, image id) of every image file whose path leads outside ``root`` (absolute
+    elsewhere, or through ``..``). Judged on the path as written: links the user put inside the
+    root (a symlinked image folder) are the user's choice and stay allowed."""
+    root = Path(os.path.abspath(root))
+    return [(group.group_id, image_id) for group in groups for source, image_id in zip(group.images, group.image_ids)
+            if not isinstance(source, bytes) and not Path(os.path.abspath(source)).is_relative_to(root)]
+
+
 def without_images(groups: list[PreferenceGroup], bad: set[tuple[str, str]]) -> list[PreferenceGroup]:
     """``groups`` without the ``(group id, image id)`` images; a group left with no pair goes."""
     kept = []
@@ -115,6 +134,13 @@ def read_benchmark(config: EvalConfig, out: Path, state: PartialState) -> tuple[
     if duplicated:
         raise ValueError(f"{config.input}: {duplicated} prompt groups share an id; group ids must be unique")
     groups = [g for g in groups if g.pairs()]
+    root = images_root(config)
+    outside = images_outside(groups, root)
+    census.images_outside_root = len(outside)
+    if outside and not config.allow_outside_root:
+        shown = ", ".join(image_id for _, image_id in outside[:3])
+        raise ValueError(f"{len(outside)} images of the benchmark lie outside the images root {root} (absolute paths or ../; "
+                         f"e.g. {shown}); pass --images-root, or --allow-outside-root to read them anyway")
     problems = image_problems(groups)
     if problems:
         listing = out / "missing_images.txt"
@@ -235,11 +261,15 @@ def _score_phase(fns: list, batches, inputs: BenchmarkInputs, config: EvalConfig
     return gather_scores(score_locally(fns, batches, inputs, config, state), batches, state)
 
 
-def evaluate(config: EvalConfig, reward_fns: list | None = None, pipe=None) -> dict | None:
+EVAL_OUTPUTS = ["report.md", "summary.json", "samples.csv", "pairs.csv", "*.png", "missing_images.txt"]
+
+
+def evaluate(config: EvalConfig, reward_fns: list | None = None, pipe=None, overwrite: bool = False) -> dict | None:
     """Run the evaluation; the main process writes the report and returns the summary (others: None).
 
     ``reward_fns``: extra :class:`RewardFn` objects for the table (besides ``config.extra_rewards``);
-    ``pipe``: an already loaded generator pipeline for ``config.reward``."""
+    ``pipe``: an already loaded generator pipeline for ``config.reward``; ``overwrite``: replace an
+    earlier report in ``config.out`` (refused otherwise)."""
     from dina_lrm.eval.report import write_outputs
     from dina_lrm.scorer import DTYPES, Scorer, load_pipeline
 
@@ -249,7 +279,10 @@ def evaluate(config: EvalConfig, reward_fns: list | None = None, pipe=None) -> d
     state = PartialState(cpu=cpu_only())
     device = torch.device(config.device) if config.device else state.device
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if state.is_main_process:
+        settings = {k: v for k, v in asdict(config).items() if k != "out"}
+        claim_output(out, "eval", settings, EVAL_OUTPUTS, overwrite=overwrite)
+    state.wait_for_everyone()
     groups, census = read_benchmark(config, out, state)
     others = list(reward_fns or []) + [load_extra_reward(spec) for spec in config.extra_rewards]
     scorer = None

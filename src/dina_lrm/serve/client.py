@@ -18,12 +18,14 @@ class RewardServerError(RuntimeError):
 
 
 class RewardClient:
-    def __init__(self, url: str, timeout: float = 120.0):
-        """``url``: the server's base address, e.g. ``http://127.0.0.1:8000``."""
+    def __init__(self, url: str, timeout: float = 120.0, api_key: str | None = None):
+        """``url``: the server's base address, e.g. ``http://127.0.0.1:8000``; ``api_key``: the server's
+        ``--api-key``, sent as a bearer token."""
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"expected an http://host:port address, got {url!r}")
         self._connection = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+        self._auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
 
     def score(self, latents: torch.Tensor, **fields) -> dict:
         """POST /v1/score; ``fields`` as :func:`dina_lrm.serve.protocol.encode_request` takes them."""
@@ -50,7 +52,7 @@ class RewardClient:
 
     def _request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> dict:
         try:
-            self._connection.request(method, path, body=body, headers=headers or {})
+            self._connection.request(method, path, body=body, headers={**(headers or {}), **self._auth})
             response = self._connection.getresponse()
             payload = response.read()
         except (http.client.HTTPException, ConnectionError):

@@ -13,7 +13,8 @@ Request: ``POST /v1/score``, body = safetensors bytes, header ``x-drm-protocol-v
 | ``n_draws`` | (1,) | int | noise draws averaged per item (default 1) |
 
 Instead of embeddings, the safetensors metadata may carry ``prompts``: a JSON list of B strings,
-which the server encodes with the generator's text encoders (and caches).
+which the server encodes with the generator's text encoders (and caches). Their count and length are
+limited (:class:`PromptLimits`); the check comes before any tokenisation.
 
 Response (JSON): ``protocol_version``, ``raw_scores`` (B floats), ``normalized_scores``
 (``(raw + 10) / 10``), ``sigmas`` and ``thurstone_std`` (per item, one entry per noise level).
@@ -32,7 +33,21 @@ from safetensors.torch import save as save_tensors
 PROTOCOL_VERSION = "1"
 PROTOCOL_HEADER = "x-drm-protocol-version"
 TENSOR_FIELDS = ("latents", "prompt_embeds", "pooled_prompt_embeds", "u", "seeds", "noise_levels", "n_draws")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_NOISE_LEVELS, MAX_DRAWS = 8, 64
+TENSOR_HEADER_BYTES = 2**16  # the safetensors header without prompts: 7 tensor entries need far less
+
+
+@dataclass(frozen=True)
+class PromptLimits:
+    max_prompts: int = 256  # prompts per request
+    max_prompt_chars: int = 2000  # characters per prompt
+
+    @property
+    def max_header_bytes(self) -> int:
+        """The largest safetensors header a request within these limits can have (JSON escapes a
+        character in at most 6 bytes); a larger one is refused before the body is read."""
+        return TENSOR_HEADER_BYTES + self.max_prompts * (6 * self.max_prompt_chars + 4)
 
 
 class BadRequest(Exception):
@@ -87,8 +102,18 @@ def encode_request(
     return save_tensors(tensors, metadata={"prompts": json.dumps(prompts)} if prompts is not None else None)
 
 
-def parse_request(body: bytes, default_u: float) -> ScoreRequest:
-    """Decode and check a request body; any problem raises :class:`BadRequest` (400 or 422)."""
+def header_size(prefix: bytes) -> int:
+    """The safetensors header length that the first 8 bytes of a body announce."""
+    if len(prefix) < 8:
+        raise BadRequest(400, "malformed safetensors payload: shorter than its 8-byte header length")
+    return struct.unpack("<Q", prefix[:8])[0]
+
+
+def parse_request(body: bytes, default_u: float, limits: PromptLimits = PromptLimits()) -> ScoreRequest:
+    """Decode and check a request body; any problem raises :class:`BadRequest` (400, 413 or 422)."""
+    if body and header_size(body) > limits.max_header_bytes:
+        raise BadRequest(413, f"the safetensors header ({header_size(body)} bytes) exceeds {limits.max_header_bytes} bytes: "
+                              f"at most {limits.max_prompts} prompts of {limits.max_prompt_chars} characters")
     tensors, metadata = _read_safetensors(body)
     unknown = sorted(set(tensors) - set(TENSOR_FIELDS))
     if unknown:
@@ -99,7 +124,7 @@ def parse_request(body: bytes, default_u: float) -> ScoreRequest:
     batch = latents.shape[0]
     if batch == 0:
         raise BadRequest(422, "latents hold no items (batch size 0)")
-    prompts = _prompts(metadata, batch)
+    prompts = _prompts(metadata, batch, limits)
     embeds = [_float_tensor(tensors, name, dims) for name, dims in (("prompt_embeds", 3), ("pooled_prompt_embeds", 2))]
     if prompts is None and any(e is None for e in embeds):
         raise BadRequest(400, "give prompt_embeds and pooled_prompt_embeds tensors, or a 'prompts' JSON list in the metadata")
@@ -134,8 +159,8 @@ def _read_safetensors(body: bytes) -> tuple[dict[str, torch.Tensor], dict[str, s
         raise BadRequest(400, "empty request body: send the tensors as safetensors bytes")
     try:
         tensors = load_tensors(body)
-        (header_size,) = struct.unpack("<Q", body[:8])
-        metadata = json.loads(body[8 : 8 + header_size]).get("__metadata__") or {}
+        size = header_size(body)
+        metadata = json.loads(body[8 : 8 + size]).get("__metadata__") or {}
     except Exception as err:  # safetensors raises its own error types, struct and json theirs
         raise BadRequest(400, f"malformed safetensors payload: {err}") from None
     return tensors, metadata
@@ -145,26 +170,38 @@ def _float_tensor(tensors: dict, name: str, dims: int) -> torch.Tensor | None:
     tensor = tensors.get(name)
     if tensor is None:
         return None
-    if not tensor.is_floating_point():
-        raise BadRequest(422, f"{name} must be a floating-point tensor, got {tensor.dtype}")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise BadRequest(422, f"{name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}")
     if tensor.dim() != dims:
         raise BadRequest(422, f"{name} must have {dims} dimensions, got shape {tuple(tensor.shape)}")
+    if 0 in tensor.shape[1:]:
+        raise BadRequest(422, f"{name} has an empty dimension: shape {tuple(tensor.shape)}")
     if not torch.isfinite(tensor).all():
         raise BadRequest(422, f"{name} contains NaN or inf")
     return tensor
 
 
-def _prompts(metadata: dict, batch: int) -> list[str] | None:
+def _prompts(metadata: dict, batch: int, limits: PromptLimits) -> list[str] | None:
     if "prompts" not in metadata:
         return None
     try:
         prompts = json.loads(metadata["prompts"])
-    except json.JSONDecodeError as err:
-        raise BadRequest(400, f"metadata 'prompts' is not JSON: {err}") from None
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise BadRequest(400, f"metadata 'prompts' is not readable JSON: {type(err).__name__}") from None
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise BadRequest(422, "metadata 'prompts' must be a JSON list of strings")
+    if len(prompts) > limits.max_prompts:
+        raise BadRequest(413, f"{len(prompts)} prompts exceed the limit of {limits.max_prompts} per request")
+    longest = max((len(p) for p in prompts), default=0)
+    if longest > limits.max_prompt_chars:
+        raise BadRequest(413, f"a prompt of {longest} characters exceeds the limit of {limits.max_prompt_chars}")
     if len(prompts) != batch:
         raise BadRequest(422, f"got {len(prompts)} prompts for {batch} latents")
+    for prompt in prompts:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest(422, "a prompt is not valid Unicode text (a lone surrogate)") from None
     return prompts
 
 

@@ -31,6 +31,7 @@ from dina_lrm.eval.runner import EvalConfig, evaluate
 from dina_lrm.models.reward_model import DiNaLRM
 from dina_lrm.models.sd3_text import SD3PromptEncoder
 from dina_lrm.noise import NoiseSampler, SigmaTable
+from dina_lrm.outputs import claim_output
 from dina_lrm.scorer import Scorer, load_pipeline
 from dina_lrm.toyworld.benchmark import write_toy_benchmark
 from dina_lrm.toyworld.generator import T5_TOKENS
@@ -232,12 +233,20 @@ def parameter_count(module: torch.nn.Module, trainable: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
 
 
+DEMO_OUTPUTS = ["generator", "shards", "reward_model", "pixel_reward.safetensors", "benchmark", "eval", "report.md",
+                "summary.json", "*.png"]
+
+
 def run_demo(
-    out: str | Path, config: DemoConfig | None = None, generator_dir: str | Path | None = None, from_scratch: bool = False
+    out: str | Path, config: DemoConfig | None = None, generator_dir: str | Path | None = None, from_scratch: bool = False,
+    overwrite: bool = False,
 ) -> dict:
+    """The demo, into ``out``: a rerun with the same settings redoes it (its results are deterministic);
+    an ``out`` that holds a demo with other settings is refused unless ``overwrite``."""
     config = config or DemoConfig()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    settings = {"config": asdict(config), "generator": str(generator_dir or SHIPPED_GENERATOR), "from_scratch": from_scratch}
+    claim_output(out, "demo", settings, DEMO_OUTPUTS, overwrite=overwrite, continues=True)
     torch.manual_seed(config.seed)
     timings: dict[str, float] = {}
     with timed(timings, "load generator"):
@@ -265,7 +274,7 @@ def run_demo(
         benchmark = write_toy_benchmark(out / "benchmark", prompts=config.benchmark_prompts, seed=config.seed)
         eval_config = EvalConfig(format="hpdv2", input=str(benchmark), out=str(out / "eval"), reward=str(reward_dir),
                                  model=str(generator_dir), max_sequence_length=T5_TOKENS, seed=config.seed)
-        benchmark_eval = evaluate(eval_config, pipe=pipe)
+        benchmark_eval = evaluate(eval_config, pipe=pipe, overwrite=True)  # the demo's own folder, claimed above
     summary = {
         "config": asdict(config),
         "generator": str(generator_dir),

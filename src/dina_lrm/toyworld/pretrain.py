@@ -3,6 +3,8 @@
 1. the VAE, on random 32x32 crops of renders (a third of them with a quality defect, so defective
    images encode too), with an L1 + tiny KL loss; its latent shift/scale are then calibrated (or,
    with ``vae_from``, an already trained toy VAE is reused: a generator in the same latent space);
+   with ``generator_from``, a whole saved toy pipeline is the starting point and stage 2 continues
+   its training (a longer-pretrained generator without redoing the first run);
 2. the transformer and both text encoders together, by rectified flow (SD3's objective and
    logit-normal timesteps) on the VAE latents, with 10% of prompts dropped for classifier-free
    guidance. An exponential moving average of the weights is what gets saved (it samples cleaner
@@ -24,7 +26,7 @@ from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
 from dina_lrm.models.sd3_text import SD3PromptEncoder
-from dina_lrm.scorer import DTYPES
+from dina_lrm.scorer import DTYPES, load_pipeline
 from dina_lrm.toyworld.corruptions import DEFECTS, add_defect
 from dina_lrm.toyworld.generator import (
     T5_TOKENS,
@@ -57,6 +59,7 @@ class PretrainConfig:
     cfg_dropout: float = 0.1
     ema_decay: float = 0.999
     vae_from: str = ""  # a toy pipeline directory whose trained VAE is reused (stage 1 is skipped)
+    generator_from: str = ""  # a toy pipeline directory to continue from (its VAE is kept, stage 1 is skipped)
     save_dtype: str = "float32"  # float16 halves the files (the shipped early generator)
     generator: ToyGeneratorConfig = field(default_factory=ToyGeneratorConfig)
 
@@ -157,13 +160,16 @@ def _warmup_cosine(step: int, config: PretrainConfig) -> float:
 
 
 def pretrain(out_dir: str | Path, config: PretrainConfig | None = None) -> StableDiffusion3Pipeline:
-    """Train the toy generator from scratch and ``save_pretrained`` it (plus ``pretrain.json``) to ``out_dir``."""
+    """Train the toy generator (from scratch, or on from ``generator_from``) and ``save_pretrained`` it
+    (plus ``pretrain.json``) to ``out_dir``."""
     config = config or PretrainConfig()
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    pipe = build_toy_pipeline(config.generator, seed=config.seed)
+    pipe = load_pipeline(config.generator_from) if config.generator_from else build_toy_pipeline(config.generator, seed=config.seed)
     started = time.perf_counter()
-    if config.vae_from:
+    if config.generator_from:
+        vae_losses = []
+    elif config.vae_from:
         pipe.vae = AutoencoderKL.from_pretrained(str(Path(config.vae_from) / "vae")).eval().requires_grad_(False)
         vae_losses = []
     else:

@@ -6,9 +6,10 @@ level and one noise draw; the draws for a global batch come from a generator eve
 the same state, so N processes with batch B follow one process with batch N*B.
 
 A checkpoint ``<run_dir>/checkpoints/step-NNNNNNN/`` holds the trainable weights, optimizer, LR
-schedule, EMA, RNG states and data position (``--resume latest`` continues exactly from it), plus
-``reward_model/``: the EMA weights in the release layout, loadable by ``DiNaLRM.from_pretrained``.
-``metrics.jsonl`` and ``training_curves.png`` in the run directory record the run.
+schedule, EMA, RNG states and data position as data only (``train/checkpoint.py``: safetensors and
+JSON, a manifest with checksums written last), plus ``reward_model/``: the EMA weights in the release
+layout, loadable by ``DiNaLRM.from_pretrained``. ``--resume latest`` continues exactly from the newest
+checkpoint that verifies. ``metrics.jsonl`` and ``training_curves.png`` in the run directory record the run.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params
@@ -35,6 +37,18 @@ from dina_lrm.distributed import cpu_only
 from dina_lrm.eval.pairwise import pair_win_counts
 from dina_lrm.models.reward_model import DiNaLRM
 from dina_lrm.noise import NoiseSampler, SigmaTable
+from dina_lrm.outputs import claim_output
+from dina_lrm.train.checkpoint import (
+    CheckpointError,
+    load_state,
+    newest_verified,
+    rng_states,
+    save_state,
+    set_rng_states,
+    truncate_metrics,
+    verify,
+    write_manifest,
+)
 from dina_lrm.train.plots import plot_training_curves
 from dina_lrm.train.step import PreferenceBatch, draw_noise, preference_forward
 
@@ -42,6 +56,7 @@ CHECKPOINT_PREFIX = "step-"
 TRAINABLE_NAME = "trainable.safetensors"
 CONFIG_NAME = "train_config.json"
 METRICS_NAME = "metrics.jsonl"
+TRAIN_OUTPUTS = ["checkpoints", METRICS_NAME, "reward_model", "training_curves.png"]
 # Keys that may change between a run and its resumption without changing what the run computes.
 RESUMABLE_CHANGES = ("training.num_epochs", "training.max_steps", "data.train.num_workers", "data.eval", "paths", "logging")
 PRECISION = {"fp32": "no", "no": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -74,11 +89,12 @@ class TrainState:
         self.noise_generator.set_state(state["noise_generator"])
 
 
-def latest_checkpoint(run_dir: Path) -> Path:
+def latest_checkpoint(run_dir: Path) -> tuple[Path, list[str]]:
+    """The newest checkpoint that verifies, and a line for each newer one skipped."""
     found = sorted((run_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*[0-9]"))
     if not found:
         raise FileNotFoundError(f"--resume latest: no checkpoint under {run_dir / 'checkpoints'}")
-    return found[-1]
+    return newest_verified(found)
 
 
 def check_resumable(checkpoint: Path, config: DiNaConfig) -> None:
@@ -139,11 +155,6 @@ class Trainer:
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.ema = EMAModel(self.trainable, decay=config.model.ema_decay) if config.model.use_ema else None
         self.state = TrainState(config.system.seed)
-        for stateful in (self.lr_scheduler, self.state, self.ema):
-            if stateful is not None:
-                self.accelerator.register_for_checkpointing(stateful)
-        self.accelerator.register_save_state_pre_hook(self._save_trainable)
-        self.accelerator.register_load_state_pre_hook(self._load_trainable)
 
     def _train_loader(self):
         data = self.config.data.train
@@ -189,22 +200,44 @@ class Trainer:
     def unwrapped(self) -> DiNaLRM:
         return self.accelerator.unwrap_model(self.model)
 
-    def _save_trainable(self, models, weights, output_dir) -> None:
+    def _write_state(self, directory: Path) -> None:
+        """Everything a resumed run needs, as data: weights, optimizer, schedule, EMA, data position, RNGs."""
+        rank = self.accelerator.process_index
         if self.accelerator.is_main_process:
             state = {n: p.detach().float().cpu().contiguous() for n, p in self.unwrapped.named_parameters() if p.requires_grad}
-            save_file(state, str(Path(output_dir) / TRAINABLE_NAME))
-        weights.clear()  # the frozen backbone is the generator's own; do not write it into every checkpoint
+            save_file(state, str(directory / TRAINABLE_NAME))
+            save_state(self.state.state_dict(), directory, "train_state")
+            save_state(self.lr_scheduler.state_dict(), directory, "lr_scheduler")
+            if self.ema is not None:
+                save_state(self.ema.state_dict(), directory, "ema")
+        if self.accelerator.is_main_process or self._sharded_optimizer:
+            save_state(self.optimizer.state_dict(), directory, self._optimizer_name)
+        save_state(rng_states(), directory, f"random_states_{rank}")
 
-    def _load_trainable(self, models, input_dir) -> None:
-        state = load_file(str(Path(input_dir) / TRAINABLE_NAME))
+    def _read_state(self, directory: Path) -> None:
+        state = load_file(str(directory / TRAINABLE_NAME))
         params = {n: p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
         if set(state) != set(params):
             missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-            raise ValueError(f"{input_dir}: trainable weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise ValueError(f"{directory}: trainable weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
         with torch.no_grad():
             for name, param in params.items():
                 param.copy_(state[name])
-        models.clear()
+        self.state.load_state_dict(load_state(directory, "train_state"))
+        self.lr_scheduler.load_state_dict(load_state(directory, "lr_scheduler"))
+        if self.ema is not None:
+            self.ema.load_state_dict(load_state(directory, "ema"))
+        self.optimizer.load_state_dict(load_state(directory, self._optimizer_name))
+        set_rng_states(load_state(directory, f"random_states_{self.accelerator.process_index}"))
+
+    @property
+    def _sharded_optimizer(self) -> bool:
+        """Under FSDP and DeepSpeed each process holds its own part of the optimizer state."""
+        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+    @property
+    def _optimizer_name(self) -> str:
+        return f"optimizer_{self.accelerator.process_index}" if self._sharded_optimizer else "optimizer"
 
     def encode_prompts(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.accelerator.device
@@ -245,12 +278,15 @@ class Trainer:
             torch.tensor(float(size), device=out.loss.device),
         ])
 
-    def train(self, resume: str | None = None) -> Path:
-        """Train to ``total_steps`` (resuming from a checkpoint dir or ``"latest"``); returns the final reward model dir."""
+    def train(self, resume: str | None = None, overwrite: bool = False) -> Path:
+        """Train to ``total_steps`` (resuming from a checkpoint dir or ``"latest"``); returns the final
+        reward model dir. A run directory that holds another run is refused unless ``overwrite``."""
+        if self.accelerator.is_main_process:
+            outputs = [*TRAIN_OUTPUTS, self.config.paths.run_name]  # the trackers' folder
+            claim_output(self.run_dir, "train", self.config.to_dict(), outputs, overwrite=overwrite, resume=bool(resume))
+        self.accelerator.wait_for_everyone()
         if resume:
             self.resume(resume)
-        if self.accelerator.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.accelerator.init_trackers(self.config.paths.run_name, config=_tracker_config(self.config))
         bar = tqdm(total=self.total_steps, initial=self.state.global_step, desc="train", unit="step",
                    disable=not self.accelerator.is_local_main_process)
@@ -344,10 +380,11 @@ class Trainer:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(partial))
+        self._write_state(partial)
         self.save_reward_model(partial / "reward_model")
         if self.accelerator.is_main_process:
             (partial / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))
+            write_manifest(partial)
             shutil.rmtree(directory, ignore_errors=True)
             partial.rename(directory)
             self._prune_checkpoints()
@@ -370,11 +407,23 @@ class Trainer:
         return directory
 
     def resume(self, resume: str) -> None:
-        checkpoint = latest_checkpoint(self.run_dir) if resume == "latest" else Path(resume)
-        if not checkpoint.is_dir():
-            raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
+        """Load a checkpoint (``"latest"``: the newest that verifies); the log is cut back to its step."""
+        if resume == "latest":
+            checkpoint, skipped = latest_checkpoint(self.run_dir)
+            for line in skipped:
+                self.accelerator.print(line)
+        else:
+            checkpoint = Path(resume)
+            if not checkpoint.is_dir():
+                raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
+            verify(checkpoint)
         check_resumable(checkpoint, self.config)
-        self.accelerator.load_state(str(checkpoint))
+        try:
+            self._read_state(checkpoint)
+        except (OSError, ValueError, KeyError) as err:
+            raise CheckpointError(f"cannot resume from {checkpoint}: {err}") from err
+        if self.accelerator.is_main_process:
+            truncate_metrics(self.run_dir / METRICS_NAME, self.state.global_step)
         self.accelerator.print(f"resumed from {checkpoint} at step {self.state.global_step}")
 
 
@@ -399,5 +448,5 @@ def _tracker_config(config: DiNaConfig) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten_config(config.to_dict()).items()}
 
 
-def train(config: DiNaConfig, resume: str | None = None, pipe=None) -> Path:
-    return Trainer(config, pipe).train(resume)
+def train(config: DiNaConfig, resume: str | None = None, pipe=None, overwrite: bool = False) -> Path:
+    return Trainer(config, pipe).train(resume, overwrite)

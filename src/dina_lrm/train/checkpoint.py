@@ -1,0 +1,157 @@
+"""Training checkpoints that hold data only, for ``train`` and ``align``.
+
+A state (an optimizer's, a scheduler's, the RNGs', any nest of dicts, lists and tuples) is written as
+two files we read back ourselves: ``NAME.safetensors`` with its tensors and ``NAME.json`` with the
+rest, tensors replaced by their keys. Nothing is ever unpickled: a checkpoint with a pickle file at
+its top (an older accelerate-format checkpoint, or a planted one) is refused. ``manifest.json``,
+written last, lists every file with its size and SHA-256; a checkpoint is read only after every file
+verifies, so a damaged or missing file is named before any reader touches it, and a checkpoint whose
+writing was interrupted has no manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST_NAME = "manifest.json"
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".bin", ".pt", ".pth", ".ckpt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be trusted: damaged, incomplete, or holding a pickle."""
+
+
+def save_state(state, directory: Path, name: str) -> None:
+    """Write ``state`` as ``name.safetensors`` (its tensors) and ``name.json`` (everything else)."""
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _encode(state, name, tensors)
+    save_file(tensors, str(directory / f"{name}.safetensors"))
+    (directory / f"{name}.json").write_text(json.dumps(structure, allow_nan=False))
+
+
+def load_state(directory: Path, name: str):
+    """The state :func:`save_state` wrote (tuples come back as tuples, integer keys as integers)."""
+    tensors = load_file(str(directory / f"{name}.safetensors"))
+    return _decode(json.loads((directory / f"{name}.json").read_text()), tensors)
+
+
+def _encode(value, path: str, tensors: dict):
+    if isinstance(value, torch.Tensor):
+        tensors[path] = value.detach().cpu().clone().contiguous()
+        return {"__tensor__": path}
+    if isinstance(value, np.ndarray):
+        tensors[path] = torch.from_numpy(value.astype(np.int64) if value.dtype == np.uint32 else value.copy())
+        return {"__ndarray__": path, "dtype": str(value.dtype)}
+    if isinstance(value, dict):
+        return {"__dict__": [[key, _encode(item, f"{path}.{key}", tensors)] for key, item in value.items()]}
+    if isinstance(value, (list, tuple)):
+        kind = "__tuple__" if isinstance(value, tuple) else "__list__"
+        return {kind: [_encode(item, f"{path}.{i}", tensors) for i, item in enumerate(value)]}
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"__float__": repr(value)}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store a {type(value).__name__} (at {path}) in a data-only checkpoint")
+
+
+def _decode(value, tensors: dict):
+    if not isinstance(value, dict):
+        return value
+    if "__tensor__" in value:
+        return tensors[value["__tensor__"]]
+    if "__ndarray__" in value:
+        return tensors[value["__ndarray__"]].numpy().astype(value["dtype"])
+    if "__dict__" in value:
+        return {key: _decode(item, tensors) for key, item in value["__dict__"]}
+    if "__tuple__" in value:
+        return tuple(_decode(item, tensors) for item in value["__tuple__"])
+    if "__list__" in value:
+        return [_decode(item, tensors) for item in value["__list__"]]
+    return float(value["__float__"])
+
+
+def rng_states() -> dict:
+    """This process's random generators: Python's, NumPy's, torch's CPU and CUDA ones."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """List every file of the checkpoint with its size and SHA-256; call it after everything else is written."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    partial = directory / (MANIFEST_NAME + ".partial")
+    partial.write_text(json.dumps({"files": entries}, indent=1))
+    partial.rename(directory / MANIFEST_NAME)
+
+
+def verify(directory: Path) -> None:
+    """Raise :class:`CheckpointError`, naming the file, unless every file matches the manifest."""
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(f"{directory / pickles[0]} is a pickle file: dina-lrm checkpoints hold safetensors and JSON "
+                              "only and are never unpickled (an accelerate-format or tampered checkpoint)")
+    manifest = directory / MANIFEST_NAME
+    if not manifest.is_file():
+        raise CheckpointError(f"{directory} has no {MANIFEST_NAME}: its writing did not finish, or it is not a dina-lrm checkpoint")
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{manifest} is damaged: {err}") from None
+    for relative, expected in entries.items():
+        path = directory / relative
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing (listed in {MANIFEST_NAME})")
+        if path.stat().st_size != expected["bytes"]:
+            raise CheckpointError(f"{path} is damaged: {path.stat().st_size} bytes, {MANIFEST_NAME} says {expected['bytes']}")
+        if _sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"{path} is damaged: its SHA-256 differs from {MANIFEST_NAME}")
+
+
+def newest_verified(candidates: list[Path]) -> tuple[Path, list[str]]:
+    """The newest checkpoint that verifies, and one line for each newer one skipped (why)."""
+    skipped = []
+    for candidate in sorted(candidates, reverse=True):
+        try:
+            verify(candidate)
+        except CheckpointError as err:
+            skipped.append(f"skipped {candidate.name}: {err}")
+            continue
+        return candidate, skipped
+    where = candidates[0].parent if candidates else "the run directory"
+    raise FileNotFoundError(f"--resume latest: no checkpoint under {where} verifies" + "".join(f"\n  {line}" for line in skipped))
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the log rows after ``step``: a resumed run logs those steps again."""
+    if path.is_file():
+        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(row + "\n" for row in rows))
