@@ -189,4 +189,4 @@ def test_cli_reads_yaml_flags_override_and_extra_rewards_join_the_table(benchmar
     yaml_config.write_text("formatt: hpdv2\n")
     assert main(["eval", "--config", str(yaml_config)]) == 2
     assert "did you mean 'format'" in capsys.readouterr().err
-    assert main(["eval", "--format", "hpdv2", "--input", str(benchmark), "--extra-reward", "no_such_module_here:x"]) != 0
+    assert main(["eval", "--format", "hpdv2", "--input", str(benchmark), "--extra-reward", "no_such_module_here:x", "--out", str(tmp_path / "x")]) != 0
