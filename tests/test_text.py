@@ -39,3 +39,24 @@ def test_without_t5_the_t5_part_is_zeros(pipe):
     )
     states, _ = encoder("a red circle")
     assert states.shape == (1, 77 + 8, 32) and torch.count_nonzero(states[:, 77:]) == 0
+
+
+def test_eight_threads_with_more_prompts_than_the_cache_holds_get_their_own_embeddings(pipe):
+    """flow_grpo calls the reward from a pool of 8 threads; every call must get its prompts' embeddings."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    encoder = SD3PromptEncoder.from_pipeline(pipe, max_sequence_length=8, cache_size=4)
+    prompts = [f"prompt number {i}" for i in range(24)]
+    reference = {p: SD3PromptEncoder.from_pipeline(pipe, max_sequence_length=8).encode([p])[0][0] for p in prompts}
+
+    def call(n):
+        batch = [prompts[(n * 5 + k) % len(prompts)] for k in range(6)]
+        states, _ = encoder(batch)
+        return batch, states
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(call, range(200)))
+    for batch, states in results:
+        for prompt, state in zip(batch, states):
+            torch.testing.assert_close(state, reference[prompt])
+    assert len(encoder._cache) <= 4

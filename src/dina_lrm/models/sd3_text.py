@@ -3,6 +3,7 @@ T5-XXL tokens after them; pooled = both CLIP pooled outputs concatenated."""
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import torch
@@ -15,7 +16,9 @@ class SD3PromptEncoder:
     """Encodes prompts with a generator's three text encoders, each distinct prompt once.
 
     Within a call, repeated prompts are encoded once; across calls an LRU cache of
-    ``cache_size`` prompts keeps recent embeddings (on the encoders' device).
+    ``cache_size`` prompts keeps recent embeddings (on the encoders' device). Safe to call from
+    several threads at once (an RL trainer's reward thread pool): the cache is guarded by a lock,
+    and each call keeps its own embeddings, whatever other calls evict meanwhile.
     """
 
     def __init__(
@@ -40,6 +43,7 @@ class SD3PromptEncoder:
             raise ValueError("without a T5 encoder, pass joint_attention_dim (the transformer's text width)")
         self.cache_size = cache_size
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._lock = threading.Lock()
 
     @classmethod
     def from_pipeline(cls, pipe, max_sequence_length: int = 128, cache_size: int = 1024) -> SD3PromptEncoder:
@@ -93,15 +97,20 @@ class SD3PromptEncoder:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be strings")
-        new = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        distinct = list(dict.fromkeys(prompts))
+        with self._lock:
+            found = {p: self._cache[p] for p in distinct if p in self._cache}
+            for prompt in found:
+                self._cache.move_to_end(prompt)
+        new = [p for p in distinct if p not in found]
         if new:
             with torch.no_grad():
                 states, pooled = self.encode(new)
-            for i, prompt in enumerate(new):
-                self._cache[prompt] = (states[i], pooled[i])
-        for prompt in prompts:
-            self._cache.move_to_end(prompt)
-        entries = [self._cache[p] for p in prompts]
-        while len(self._cache) > max(self.cache_size, len(set(prompts))):
-            self._cache.popitem(last=False)
+            encoded = {prompt: (states[i], pooled[i]) for i, prompt in enumerate(new)}
+            found.update(encoded)
+            with self._lock:
+                self._cache.update(encoded)
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        entries = [found[p] for p in prompts]
         return torch.stack([e[0] for e in entries]), torch.stack([e[1] for e in entries])

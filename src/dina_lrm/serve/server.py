@@ -103,7 +103,7 @@ class RewardService:
         self._responses: Counter[int] = Counter()
         self._abandoned = 0
         self._metrics_lock = threading.Lock()
-        self._text_lock = threading.Lock()  # the prompt cache is not thread-safe
+        self._text_lock = threading.Lock()  # one prompt encoding at a time: the text encoders' memory stays bounded
         self._seed_source = torch.Generator().manual_seed(int(time.time_ns()) % 2**63)
         self._seed_lock = threading.Lock()
 
