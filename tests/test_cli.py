@@ -46,8 +46,46 @@ def test_errors_are_reported_not_raised(setup, capsys):
     reward, model, _, tmp = setup
     assert main(["score", "--reward", str(reward), "--model", str(model), "--prompt", "x", str(tmp / "missing.png")]) == 2
     assert "image not found" in capsys.readouterr().err
-    assert main(["score", "--reward", str(tmp / "none"), "--model", str(model), "--prompt", "x", str(tmp / "a.png")]) == 2
+    assert main(["score", "--reward", str(tmp / "none"), "--model", str(model), "--prompt", "x", str(tmp / "img0.png")]) == 2
     assert "reward model directory not found" in capsys.readouterr().err
     (tmp / "empty.csv").write_text("prompt,image\n")
     assert main(["score", "--reward", str(reward), "--model", str(model), "--pairs", str(tmp / "empty.csv")]) == 2
     assert "holds no rows" in capsys.readouterr().err
+
+
+
+def test_inputs_are_checked_before_any_model_loads(tmp_path, capsys):
+    """A missing image or conflicting inputs fail at once: the model paths here do not even exist."""
+    (tmp_path / "img.png").write_bytes(b"")
+    (tmp_path / "pairs.csv").write_text("prompt,image\nx,img.png\n")
+    nowhere = ["--reward", str(tmp_path / "no-reward"), "--model", str(tmp_path / "no-model")]
+    assert main(["score", *nowhere, "--prompt", "x", str(tmp_path / "gone.png"), str(tmp_path / "gone2.png")]) == 2
+    assert "image not found: " in capsys.readouterr().err
+    assert main(["score", *nowhere, "--pairs", str(tmp_path / "pairs.csv"), "--prompt", "x"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["score", *nowhere, str(tmp_path / "img.png")]) == 2
+    assert "give --prompt and IMAGE paths, or --pairs FILE" in capsys.readouterr().err
+
+
+def test_noise_levels_are_one_comma_separated_value(tmp_path):
+    from dina_lrm.cli import build_parser
+
+    args = build_parser().parse_args(["score", "--reward", "r", "--model", "m", "--prompt", "x", "--noise-levels", "0.2,0.5", "a.png"])
+    assert args.noise_levels == [0.2, 0.5] and args.images == ["a.png"]
+
+
+def test_zero_valued_flags_are_kept():
+    from dina_lrm.cli import SERVE_FLAGS, build_parser, config_from_args
+
+    args = build_parser().parse_args(["serve", "--port", "0", "--max-wait-ms", "0", "--default-u", "0"])
+    assert {k: v for k, v in config_from_args(args, SERVE_FLAGS).items()} == {"port": 0, "max_wait_ms": 0.0, "default_u": 0.0}
+
+
+def test_version_and_help_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from dina_lrm.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    version = subprocess.run([sys.executable, "-m", "dina_lrm", "--version"], capture_output=True, text=True, check=True)
+    assert version.stdout.strip() == "dina-lrm 0.1.0"

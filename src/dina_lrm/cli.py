@@ -9,7 +9,8 @@ import json
 import sys
 from pathlib import Path
 
-from dina_lrm.scorer import DTYPES
+import dina_lrm
+from dina_lrm.config import DTYPE_NAMES
 
 
 def read_pairs(path: Path) -> list[tuple[str, str]]:
@@ -32,15 +33,27 @@ def read_pairs(path: Path) -> list[tuple[str, str]]:
     return pairs
 
 
-def run_score(args) -> int:
-    from dina_lrm.scorer import Scorer
-
+def score_inputs(args) -> list[tuple[str, str]]:
+    """(prompt, image path) pairs from --pairs or --prompt + IMAGEs, every image checked to exist."""
+    if args.pairs and (args.prompt or args.images):
+        raise ValueError("give --pairs FILE, or --prompt with IMAGE paths, not both")
     if args.pairs:
         pairs = read_pairs(Path(args.pairs))
     elif args.prompt and args.images:
         pairs = [(args.prompt, image) for image in args.images]
     else:
-        raise SystemExit("dina-lrm score: give --prompt and IMAGE paths, or --pairs FILE")
+        raise ValueError("give --prompt and IMAGE paths, or --pairs FILE")
+    missing = [image for _, image in pairs if not Path(image).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"image not found: {missing[0]}{more}")
+    return pairs
+
+
+def run_score(args) -> int:
+    pairs = score_inputs(args)  # before any model loads: a typo should not cost minutes
+    from dina_lrm.scorer import DTYPES, Scorer
+
     scorer = Scorer.from_pretrained(
         args.reward, args.model, device=args.device, dtype=DTYPES[args.dtype], max_sequence_length=args.max_sequence_length
     )
@@ -111,7 +124,7 @@ def parse_levels(text: str) -> list[float]:
     try:
         return [float(u) for u in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--levels takes comma-separated noise levels like 0.2,0.4,0.6, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"takes comma-separated noise levels like 0.2,0.4,0.6, got {text!r}") from None
 
 
 def config_from_args(args, flags: dict[str, str]) -> dict:
@@ -224,6 +237,7 @@ def run_pretrain(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dina-lrm", description="Diffusion-native latent reward models.")
+    parser.add_argument("--version", action="version", version=f"dina-lrm {dina_lrm.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     score = commands.add_parser("score", help="score prompt/image pairs with a trained reward model")
@@ -233,11 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("images", nargs="*", metavar="IMAGE")
     score.add_argument("--pairs", help="CSV (prompt,image header) or JSONL file of pairs")
     score.add_argument("--u", type=float, default=0.1, help="noise level (0.1 suits images from files)")
-    score.add_argument("--noise-levels", type=float, nargs="+", help="ensemble over these noise levels")
+    score.add_argument("--noise-levels", type=parse_levels, help="ensemble over these comma-separated noise levels, e.g. 0.2,0.5,0.7")
     score.add_argument("--n-draws", type=int, default=1, help="average this many noise draws")
     score.add_argument("--seed", type=int, default=0)
     score.add_argument("--device", default="cpu")
-    score.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    score.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     score.add_argument("--max-sequence-length", type=int, default=128, help="T5 tokens, as the reward model was trained")
     score.add_argument("--json", action="store_true", help="machine-readable output")
     score.set_defaults(func=run_score)
@@ -255,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--groups-per-shard", type=int, help="prompt groups per shard: the unit of resume and of the rank split (default 512)")
     prepare.add_argument("--cache-prompt-embeds", action="store_true", help="store text embeddings so training skips the text encoders")
     prepare.add_argument("--max-sequence-length", type=int, help="T5 tokens when caching embeddings (default 128)")
-    prepare.add_argument("--dtype", choices=sorted(DTYPES), help="VAE precision (default float32)")
+    prepare.add_argument("--dtype", choices=DTYPE_NAMES, help="VAE precision (default float32)")
     prepare.set_defaults(func=run_prepare)
 
     train = commands.add_parser("train", help="train DiNa-LRM on prepared shards (run under `accelerate launch` for several GPUs)")
@@ -288,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--skip-missing", action="store_true", help="evaluate without missing or unreadable images")
     evaluate.add_argument("--allow-outside-root", action="store_true", help="read image paths that lead outside the images root (absolute, ../)")
     evaluate.add_argument("--device", help="default: this process's accelerator")
-    evaluate.add_argument("--dtype", choices=sorted(DTYPES))
+    evaluate.add_argument("--dtype", choices=DTYPE_NAMES)
     evaluate.add_argument("--max-sequence-length", type=int, help="T5 tokens, as the reward model was trained (default 128)")
     evaluate.add_argument("--reference-size", type=int, help="encode at buckets of about SIZE^2 pixels (default: the generator's)")
     evaluate.set_defaults(func=run_eval)
@@ -300,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to bind (default 127.0.0.1; another address without --api-key warns)")
     serve.add_argument("--port", type=int, help="default 8000; 0 picks a free port (printed at start)")
     serve.add_argument("--device", help="default cpu")
-    serve.add_argument("--dtype", choices=sorted(DTYPES), help="default float32")
+    serve.add_argument("--dtype", choices=DTYPE_NAMES, help="default float32")
     serve.add_argument("--max-batch-size", type=int, help="items per backbone pass (default 8)")
     serve.add_argument("--max-wait-ms", type=float, help="how long a request may wait for others to batch with (default 10)")
     serve.add_argument("--max-request-mb", type=float, help="larger request bodies get HTTP 413 (default 64)")
@@ -349,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--dataset-size", type=int, help="renders the generator trains on (default: PretrainConfig's)")
     pretrain.add_argument("--vae-from", help="reuse the VAE of this toy pipeline directory instead of training one")
     pretrain.add_argument("--generator-from", help="continue training this toy pipeline directory's generator (its VAE is kept)")
-    pretrain.add_argument("--save-dtype", choices=sorted(DTYPES), help="precision of the saved weights (default float32)")
+    pretrain.add_argument("--save-dtype", choices=DTYPE_NAMES, help="precision of the saved weights (default float32)")
     pretrain.set_defaults(func=run_pretrain)
     toy_align = toyworld.add_parser("align", help="the alignment experiment: ReFL and GRPO with DiNa-LRM, the pixel reward and "
                                     "the judge on the early toy generator, several seeds (see docs/alignment.md)")

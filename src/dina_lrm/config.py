@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the precisions every command accepts
+
 
 class ConfigError(ValueError):
     """A configuration key or value that cannot be used."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
+from dina_lrm.config import DTYPE_NAMES
 from dina_lrm.data.images import center_crop_to_multiple, load_images, vae_encode
 from dina_lrm.models.reward_model import DiNaLRM
 from dina_lrm.models.sd3_text import SD3PromptEncoder
@@ -17,7 +18,7 @@ from dina_lrm.losses import thurstone_variance
 from dina_lrm.noise import SigmaTable, add_noise
 
 SCORE_OFFSET, SCORE_SCALE = 10.0, 10.0
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def normalize_score(raw: torch.Tensor) -> torch.Tensor:
