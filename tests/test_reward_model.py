@@ -71,6 +71,8 @@ def test_batched_ensemble_equals_per_level_loop(pipe, text_inputs):
         levels.append((out.visual, out.text, out.temb))
     looped = model.reward_head.forward_ensemble(levels)
     torch.testing.assert_close(batched, looped, rtol=1e-5, atol=1e-6)
+    as_lists = model.forward_ensemble(list(latents), *text_inputs, [t.expand(2) for t in timesteps])  # the authors' form
+    torch.testing.assert_close(as_lists, batched, rtol=0, atol=0)
     single = model.forward_ensemble(latents[:1], *text_inputs, timesteps[:1])
     torch.testing.assert_close(single, model(latents[0], *text_inputs, timesteps[0]), rtol=1e-5, atol=1e-6)
 
@@ -89,16 +91,20 @@ def test_save_load_round_trip_gives_identical_scores(pipe, text_inputs, tmp_path
     assert (tmp_path / "config.json").is_file() and (tmp_path / "checkpoint" / "rm_head.safetensors").is_file()
 
 
-def test_release_layout_with_rm_head_pt_loads_identically(pipe, text_inputs, tmp_path):
+def test_our_rm_head_pt_is_the_release_format_and_loads_identically(pipe, text_inputs, tmp_path):
+    """save_pretrained writes rm_head.pt as the release has it (a plain state dict that the authors'
+    inference code loads with torch.load); our reader gives the same scores from either file."""
     model = DiNaLRM(tiny_config(), _fresh_transformer(pipe)).eval()
     randomize_lora(model)
     model.save_pretrained(tmp_path)
-    head_file = tmp_path / "checkpoint" / "rm_head.safetensors"
-    torch.save(model.reward_head.state_dict(), tmp_path / "checkpoint" / "rm_head.pt")
-    head_file.unlink()
-    loaded = DiNaLRM.from_pretrained(tmp_path, _fresh_transformer(pipe))
+    release_head = torch.load(tmp_path / "checkpoint" / "rm_head.pt", map_location="cpu", weights_only=True)
+    assert release_head.keys() == model.reward_head.state_dict().keys()
     args = (make_latents(), *text_inputs, torch.tensor([400.0]))
-    torch.testing.assert_close(loaded(*args), model(*args), rtol=0, atol=0)
+    from_safetensors = DiNaLRM.from_pretrained(tmp_path, _fresh_transformer(pipe))(*args)
+    (tmp_path / "checkpoint" / "rm_head.safetensors").unlink()
+    from_pt = DiNaLRM.from_pretrained(tmp_path, _fresh_transformer(pipe))(*args)
+    torch.testing.assert_close(from_pt, model(*args), rtol=0, atol=0)
+    torch.testing.assert_close(from_safetensors, from_pt, rtol=0, atol=0)
 
 
 def test_release_full_model_pt_loads(pipe, text_inputs, tmp_path):
@@ -186,6 +192,7 @@ class TestBadInput:
             DiNaLRM.from_pretrained(tmp_path / "empty", pipe.transformer)
         DiNaLRM(tiny_config(), _fresh_transformer(pipe)).save_pretrained(tmp_path / "m")
         (tmp_path / "m" / "checkpoint" / "rm_head.safetensors").unlink()
+        (tmp_path / "m" / "checkpoint" / "rm_head.pt").unlink()
         with pytest.raises(CheckpointError, match="rm_head.safetensors.*rm_head.pt"):
             DiNaLRM.from_pretrained(tmp_path / "m", _fresh_transformer(pipe))
 

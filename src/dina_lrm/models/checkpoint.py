@@ -1,7 +1,9 @@
 """The released on-disk layout.
 
     DIR/config.json                              the training configuration (release YAML as JSON)
-    DIR/checkpoint/rm_head.safetensors           reward head (we write this; the release's rm_head.pt is read too)
+    DIR/checkpoint/rm_head.safetensors           reward head (what we read first)
+    DIR/checkpoint/rm_head.pt                    the same state dict as a torch file, for the authors' own inference
+                                                 code (the release ships only this one; we read it with weights_only)
     DIR/checkpoint/backbone_lora/                PEFT adapter, when the backbone is LoRA-tuned
     DIR/checkpoint/backbone.safetensors          backbone weights, when the backbone is fully tuned
                                                  (the release's full_model.pt is read too)
@@ -90,3 +92,9 @@ def write_config(directory: Path, config: dict) -> None:
 def write_weights(path: Path, module: nn.Module) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     save_file(state, str(path))
+
+
+def write_release_head(path: Path, module: nn.Module) -> None:
+    """The head as the release's ``rm_head.pt``: a plain state dict of tensors (loadable with
+    ``torch.load(..., weights_only=True)``), which the authors' inference code reads."""
+    torch.save({k: v.detach().contiguous().cpu().clone() for k, v in module.state_dict().items()}, path)

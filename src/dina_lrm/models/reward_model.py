@@ -101,10 +101,12 @@ class DiNaLRM(nn.Module):
 
     def forward_ensemble(self, latents, encoder_hidden_states, pooled_projections, timesteps) -> torch.Tensor:
         """Multi-noise-level score (B, 1). ``latents``: (K, B, C, H, W) or K tensors (B, C, H, W), one
-        per noise level; ``timesteps``: (K, B) or (K,). The K levels run through the backbone as one
-        batch, and the head reads all their tokens at once."""
+        per noise level; ``timesteps``: (K, B), (K,), or K tensors of shape (B,) (the authors' form).
+        The K levels run through the backbone as one batch, and the head reads all their tokens at once."""
         latents = torch.stack(list(latents)) if not torch.is_tensor(latents) else latents
         levels, batch = latents.shape[:2]
+        if isinstance(timesteps, (list, tuple)) and timesteps and torch.is_tensor(timesteps[0]):
+            timesteps = torch.stack([t.reshape(-1) for t in timesteps])
         timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(levels, -1).expand(levels, batch)
         out = self.features(
             latents.flatten(0, 1),
@@ -115,12 +117,14 @@ class DiNaLRM(nn.Module):
         return self.reward_head.forward_ensemble([(o.visual, o.text, o.temb) for o in out.chunk(levels)])
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write the release layout: config.json and checkpoint/{rm_head.safetensors, backbone_lora/}."""
+        """Write the release layout: config.json and checkpoint/{rm_head.safetensors, rm_head.pt, backbone_lora/}
+        (``rm_head.pt`` so that the authors' inference code loads our checkpoints too)."""
         directory = Path(directory)
         checkpoint_dir = directory / "checkpoint"
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_config(directory, self.config.to_dict())
         ckpt.write_weights(checkpoint_dir / ckpt.HEAD_NAME, self.reward_head)
+        ckpt.write_release_head(checkpoint_dir / ckpt.RELEASE_HEAD_NAME, self.reward_head)
         mode = self.config.model.backbone_mode
         if mode == "lora":
             self.backbone.save_pretrained(str(checkpoint_dir / ckpt.LORA_DIR))
