@@ -80,6 +80,23 @@ def test_images_of_different_sizes_are_cropped_and_scored_in_order(scorer):
     assert torch.isfinite(mixed).all() and alone.shape == (1,)
 
 
+def test_compare_is_the_thurstone_probability_of_paired_scores(scorer):
+    import math
+
+    a, b, prompts = make_latents(3, seed=1), make_latents(3, seed=2), ["a red circle", "a blue square", "two stars"]
+    p = scorer.compare(prompts, latents=(a, b), u=0.4, seed=5)
+    seeds = [5, 6, 7]
+    raw_a = scorer.score(prompts, latents=a, u=0.4, seeds=seeds).raw
+    raw_b = scorer.score(prompts, latents=b, u=0.4, seeds=seeds).raw
+    sigma = float(scorer.sigma_table.snap(torch.tensor(0.4))[0])
+    expected = [0.5 * (1 + math.erf((x - y) / math.sqrt(2 * 2 * (2 * sigma**2 + 0.05)) )) for x, y in zip(raw_a.tolist(), raw_b.tolist())]
+    assert p.tolist() == pytest.approx(expected, abs=1e-6)
+    torch.testing.assert_close(scorer.compare(prompts, latents=(b, a), u=0.4, seed=5), 1 - p)
+    assert scorer.compare(prompts, latents=(a, a), u=0.4, seed=5).tolist() == pytest.approx([0.5] * 3)
+    with pytest.raises(ValueError, match="images=\\(a, b\\) or latents=\\(a, b\\)"):
+        scorer.compare(prompts, latents=(a,))
+
+
 def test_gradients_flow_to_latents_when_asked(scorer):
     latents = make_latents(1).requires_grad_(True)
     scorer.score("a", latents=latents, seed=0, grad=True).raw.sum().backward()

@@ -14,7 +14,7 @@ from dina_lrm.config import DTYPE_NAMES
 from dina_lrm.data.images import center_crop_to_multiple, load_images, vae_encode
 from dina_lrm.models.reward_model import DiNaLRM
 from dina_lrm.models.sd3_text import SD3PromptEncoder
-from dina_lrm.losses import thurstone_variance
+from dina_lrm.losses import pair_probability, thurstone_variance
 from dina_lrm.noise import SigmaTable, add_noise
 
 SCORE_OFFSET, SCORE_SCALE = 10.0, 10.0
@@ -130,6 +130,26 @@ class Scorer:
                 noise = self._draw_noise((n_draws, len(sigmas)) + tuple(group.shape[1:]), index, seeds, generator)
                 raw[index] = self._score_latents(group, states[index], pooled[index], sigmas, timesteps, noise).to(out_dtype)
         return ScoreResult(raw=raw, normalized=normalize_score(raw), sigmas=sigmas, thurstone_std=thurstone_variance(sigmas).sqrt())
+
+    def compare(self, prompts: str | list[str], *, images=None, latents=None, u: float = 0.4, n_draws: int = 1, seed: int = 0) -> torch.Tensor:
+        """P(a preferred over b) for each item, under the loss the model was trained with (Thurstone
+        with its noise-dependent variance, constant-variance Thurstone, or Bradley-Terry).
+
+        ``images=(a, b)`` (two lists of what :meth:`score` takes) or ``latents=(a, b)`` (two (B, C, H, W)
+        tensors); item i of ``a`` and of ``b`` share their noise draws, so the comparison is paired."""
+        pair = images if images is not None else latents
+        if (images is None) == (latents is None) or len(pair) != 2:
+            raise ValueError("pass images=(a, b) or latents=(a, b)")
+        a, b = pair
+        count = len(a)
+        if len(b) != count:
+            raise ValueError(f"a has {count} items and b has {len(b)}")
+        kind = "images" if images is not None else "latents"
+        seeds = [seed + i for i in range(count)]
+        score_a = self.score(prompts, **{kind: a}, u=u, n_draws=n_draws, seeds=seeds)
+        score_b = self.score(prompts, **{kind: b}, u=u, n_draws=n_draws, seeds=seeds)
+        sigma = score_a.sigmas[0].expand_as(score_a.raw)
+        return pair_probability(self.model.config.model.model_type, score_a.raw, score_b.raw, sigma)
 
     def _text_conditioning(self, prompts, prompt_embeds, pooled_prompt_embeds, count) -> tuple[torch.Tensor, torch.Tensor]:
         if prompts is not None:
