@@ -89,3 +89,10 @@ def test_version_and_help_do_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
     version = subprocess.run([sys.executable, "-m", "dina_lrm", "--version"], capture_output=True, text=True, check=True)
     assert version.stdout.strip() == "dina-lrm 0.1.0"
+
+
+def test_serve_takes_verl_omnis_flag_names():
+    from dina_lrm.cli import SERVE_FLAGS, build_parser, config_from_args
+
+    args = build_parser().parse_args(["serve", "--model-path", "rm_dir", "--base-model-path", "sd35"])
+    assert config_from_args(args, SERVE_FLAGS) == {"reward": "rm_dir", "model": "sd35"}

@@ -4,7 +4,7 @@ import torch
 from conftest import make_latents, randomize_lora, tiny_config
 from PIL import Image
 
-from dina_lrm import DiNaLRM, Scorer
+from dina_lrm import DiNaConfig, DiNaLRM, Scorer
 from dina_lrm.noise import add_noise
 
 
@@ -95,6 +95,15 @@ def test_compare_is_the_thurstone_probability_of_paired_scores(scorer):
     assert scorer.compare(prompts, latents=(a, a), u=0.4, seed=5).tolist() == pytest.approx([0.5] * 3)
     with pytest.raises(ValueError, match="images=\\(a, b\\) or latents=\\(a, b\\)"):
         scorer.compare(prompts, latents=(a,))
+
+
+def test_prompts_are_encoded_with_the_trained_t5_length(pipe, pipeline_dir, tmp_path):
+    model = DiNaLRM(DiNaConfig.from_dict({"model": tiny_config().to_dict()["model"], "data": {"train": {"max_sequence_length": 6}}}),
+                    pipe.transformer)
+    reward = model.save_pretrained(tmp_path / "reward")
+    assert Scorer.from_pretrained(reward, pipeline_dir).prompt_encoder.max_sequence_length == 6
+    with pytest.warns(UserWarning, match="scoring with 9 T5 tokens, but this reward model was trained with 6"):
+        assert Scorer.from_pretrained(reward, pipeline_dir, max_sequence_length=9).prompt_encoder.max_sequence_length == 9
 
 
 def test_gradients_flow_to_latents_when_asked(scorer):

@@ -131,6 +131,16 @@ def test_resume_refuses_another_configuration_and_a_missing_checkpoint(tmp_path,
         train(DiNaConfig.from_dict(raw), resume="latest")
 
 
+def test_cached_embeddings_of_another_t5_length_are_refused(tmp_path, pipeline_dir):
+    train_dir = separable_pairs(tmp_path / "train", 8, embeds=True)
+    index_path = tmp_path / "train" / INDEX_NAME
+    index = json.loads(index_path.read_text())
+    index["metadata"]["max_sequence_length"] = 12
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="cache prompt embeddings of 12 T5 tokens but data.train.max_sequence_length is 16"):
+        Trainer(DiNaConfig.from_dict(raw_config(tmp_path, pipeline_dir, train_dir)))
+
+
 def test_bad_training_inputs_fail_with_clear_errors(tmp_path, pipeline_dir):
     config_path = tmp_path / "cfg.yaml"
     config_path.write_text(yaml.safe_dump({"training": {"learning_rat": 1e-4}}))

@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--seed", type=int, default=0)
     score.add_argument("--device", default="cpu")
     score.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
-    score.add_argument("--max-sequence-length", type=int, default=128, help="T5 tokens, as the reward model was trained")
+    score.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: the number the reward model was trained with)")
     score.add_argument("--json", action="store_true", help="machine-readable output")
     score.set_defaults(func=run_score)
 
@@ -309,8 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="HTTP reward server for latents, micro-batched (see docs/serving.md)")
     serve.add_argument("--config", help="YAML with ServeConfig keys; flags override it")
-    serve.add_argument("--reward", help="reward model directory (config.json + checkpoint/)")
-    serve.add_argument("--model", help="generator pipeline: local directory or hub id")
+    serve.add_argument("--reward", "--model-path", dest="reward",
+                       help="reward model directory (config.json + checkpoint/); --model-path is verl-omni's name for it")
+    serve.add_argument("--model", "--base-model-path", dest="model",
+                       help="generator pipeline: local directory or hub id; --base-model-path is verl-omni's name for it")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1; another address without --api-key warns)")
     serve.add_argument("--port", type=int, help="default 8000; 0 picks a free port (printed at start)")
     serve.add_argument("--device", help="default cpu")
@@ -319,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-wait-ms", type=float, help="how long a request may wait for others to batch with (default 10)")
     serve.add_argument("--max-request-mb", type=float, help="larger request bodies get HTTP 413 (default 64)")
     serve.add_argument("--default-u", type=float, help="noise level when a request gives none (default 0.4)")
-    serve.add_argument("--max-sequence-length", type=int, help="T5 tokens when the server encodes prompts (default 128)")
+    serve.add_argument("--max-sequence-length", type=int, help="T5 tokens when the server encodes prompts (default: the model's own)")
     serve.add_argument("--max-prompts", type=int, help="prompts per request; more get HTTP 413 (default 256)")
     serve.add_argument("--max-prompt-chars", type=int, help="characters per prompt; longer get HTTP 413 (default 2000)")
     serve.add_argument("--idle-timeout-s", type=float, help="close a connection that sends no request for this long (default 30)")

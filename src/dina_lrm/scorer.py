@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,13 +54,15 @@ class Scorer:
         self.vae = vae
 
     @classmethod
-    def from_model(cls, model: DiNaLRM, pipe, max_sequence_length: int = 128) -> Scorer:
-        """A scorer around an in-memory model, with ``pipe``'s text encoders, VAE and sigma table."""
-        encoder = SD3PromptEncoder.from_pipeline(pipe, max_sequence_length=max_sequence_length)
+    def from_model(cls, model: DiNaLRM, pipe, max_sequence_length: int | None = None) -> Scorer:
+        """A scorer around an in-memory model, with ``pipe``'s text encoders, VAE and sigma table.
+        ``max_sequence_length``: T5 tokens; by default the number the model was trained with."""
+        length = text_length(model, max_sequence_length)
+        encoder = SD3PromptEncoder.from_pipeline(pipe, max_sequence_length=length)
         return cls(model, encoder, SigmaTable.from_scheduler(pipe.scheduler), vae=pipe.vae)
 
     @classmethod
-    def from_pipeline(cls, reward_dir: str | Path, pipe, max_sequence_length: int = 128) -> Scorer:
+    def from_pipeline(cls, reward_dir: str | Path, pipe, max_sequence_length: int | None = None) -> Scorer:
         return cls.from_model(DiNaLRM.from_pretrained(reward_dir, pipe.transformer), pipe, max_sequence_length)
 
     @classmethod
@@ -70,7 +73,7 @@ class Scorer:
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
-        max_sequence_length: int = 128,
+        max_sequence_length: int | None = None,
     ) -> Scorer:
         """``pipeline_or_model_id``: a loaded diffusers pipeline, a local pipeline directory or a hub id."""
         pipe = pipeline_or_model_id
@@ -205,6 +208,17 @@ class Scorer:
             timesteps.to(model.device).view(levels, 1).expand(levels, n_draws * batch),
         )
         return scores.view(n_draws, batch, -1)[..., 0].mean(dim=0)
+
+
+def text_length(model: DiNaLRM, requested: int | None) -> int:
+    """The T5 token count to encode prompts with: the one the model was trained with (its config's
+    ``data.train.max_sequence_length``), unless ``requested`` overrides it, with a warning, because
+    another length changes every score."""
+    trained = model.config.data.train.max_sequence_length
+    if requested is not None and requested != trained:
+        warnings.warn(f"scoring with {requested} T5 tokens, but this reward model was trained with {trained}: "
+                      "scores will differ from the trained model's", stacklevel=3)
+    return trained if requested is None else requested
 
 
 def _check_seeds(seeds, count: int) -> list[int] | None:

@@ -68,7 +68,7 @@ class AlignConfig:
     early_stop_patience: int = 0  # > 0: stop after this many evaluations without a better validation judge
     divergence_tolerance: float = 0.01  # judge drop below its best that, with a higher reward, counts as hacking
     checkpoint_every: int = 10
-    max_sequence_length: int = 128  # T5 tokens of the prompt embeddings
+    max_sequence_length: int = 128  # T5 tokens of the policy's prompt embeddings (a DiNa-LRM reward uses its own)
     negative_prompt: str = ""
     dtype: str = "float32"
 

@@ -45,7 +45,7 @@ def flow_grpo_reward(
     n_draws: int = 1,
     seed: int | None = None,
     dtype: str = "float32",
-    max_sequence_length: int = 128,
+    max_sequence_length: int | None = None,
     scale: str = "normalized",
 ) -> Callable[[str | torch.device], Callable]:
     """``factory(device)`` -> ``fn(images, prompts, metadata) -> (scores, info)``.
@@ -79,7 +79,7 @@ def flow_grpo_latent_reward(
     n_draws: int = 1,
     seed: int | None = None,
     dtype: str = "float32",
-    max_sequence_length: int = 128,
+    max_sequence_length: int | None = None,
     scale: str = "normalized",
 ) -> Callable[[str | torch.device], Callable]:
     """``factory(device)`` -> ``fn(latents, prompts, metadata, prompt_embeds=None, pooled_prompt_embeds=None)``.
@@ -107,7 +107,7 @@ def flow_grpo_latent_reward(
     return factory
 
 
-def _load(reward_dir, model, device, dtype: str, max_sequence_length: int) -> Scorer:
+def _load(reward_dir, model, device, dtype: str, max_sequence_length: int | None) -> Scorer:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     return Scorer.from_pretrained(reward_dir, model, device=device, dtype=DTYPES[dtype], max_sequence_length=max_sequence_length)
@@ -220,17 +220,18 @@ class RewardSpec:
         _check_scale(self.scale)
 
 
-def build_reward(spec: RewardSpec, *, generator: str, pipe, device, max_sequence_length: int, dtype: str = "float32") -> AlignReward:
+def build_reward(spec: RewardSpec, *, generator: str, pipe, device, dtype: str = "float32") -> AlignReward:
     """The reward ``spec`` names. ``pipe``: the policy's pipeline, before its LoRA is added. A DiNa-LRM
     on the policy's own generator reuses ``pipe``'s weights and text encoders (one copy in memory);
-    its LoRA goes into a weight-sharing copy of the module tree, never into the policy's modules."""
+    its LoRA goes into a weight-sharing copy of the module tree, never into the policy's modules. It
+    encodes prompts with the T5 token count it was trained with, whatever the policy uses."""
     spec.validate()
     if spec.kind == "dina":
         if spec.share_backbone and spec.model in ("", generator):
             model = DiNaLRM.from_pretrained(spec.path, weight_sharing_copy(pipe.transformer))
-            scorer = Scorer.from_model(model, pipe, max_sequence_length)
+            scorer = Scorer.from_model(model, pipe)
         else:
-            scorer = _load(spec.path, spec.model or generator, device, dtype, max_sequence_length)
+            scorer = _load(spec.path, spec.model or generator, device, dtype, None)
         return LatentReward(scorer, u=spec.u, noise_levels=spec.noise_levels, n_draws=spec.n_draws, scale=spec.scale,
                             name=spec.name or "DiNa-LRM (latents)")
     factory = import_object(spec.target, "reward target")

@@ -77,8 +77,7 @@ class Aligner:
             if module is not None:
                 module.requires_grad_(False)
         # the rewards first: a DiNa-LRM on this generator shares its weights, before the policy's LoRA exists
-        kwargs = dict(generator=config.generator, pipe=self.pipe, device=device, max_sequence_length=config.max_sequence_length,
-                      dtype=config.dtype)
+        kwargs = dict(generator=config.generator, pipe=self.pipe, device=device, dtype=config.dtype)
         self.rewards = [build_reward(spec, **kwargs) for spec in config.all_rewards]
         self.judge = build_reward(config.judge, **kwargs) if config.judge is not None else None
         self.policy, self.optimizer, trainable = self.add_policy_lora(self.pipe.transformer)

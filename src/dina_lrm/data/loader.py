@@ -62,6 +62,11 @@ class PairDataset(Dataset):
             raise ValueError("some shard directories cache prompt embeddings and some do not; prepare them alike")
         self.latent_channels = channels.pop()
         self.has_prompt_embeds = embeds.pop()
+        # T5 tokens of the cached embeddings, as `prepare` recorded them (None: not recorded, or none cached)
+        lengths = {i["metadata"].get("max_sequence_length") for i in indexes} if self.has_prompt_embeds else {None}
+        if len(lengths) > 1:
+            raise ValueError(f"shard directories cache prompt embeddings of different T5 lengths {sorted(map(str, lengths))}")
+        self.prompt_tokens = lengths.pop()
         self.files: list[ShardFile] = []
         shard_of, row_of, buckets = [], [], []
         for directory, index in zip(directories, indexes):

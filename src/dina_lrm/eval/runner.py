@@ -54,7 +54,7 @@ class EvalConfig:
     allow_outside_root: bool = False  # read image paths that lead outside the images root (absolute, ../)
     device: str | None = None  # default: this process's accelerator (or cpu)
     dtype: str = "float32"
-    max_sequence_length: int = 128
+    max_sequence_length: int | None = None  # T5 tokens (default: the number the reward model was trained with)
     reference_size: int | None = None  # bucket area for encoding (default: the generator's native size)
     groups_per_shard: int = 256
 

@@ -58,7 +58,7 @@ class ServeConfig:
     max_wait_ms: float = 10.0  # how long the oldest waiting item may wait for others
     max_request_mb: float = 64.0  # larger bodies get 413
     default_u: float = 0.4  # noise level when a request gives none (0.4 suits a generator's clean latents)
-    max_sequence_length: int = 128  # T5 tokens when the server encodes prompts
+    max_sequence_length: int | None = None  # T5 tokens when the server encodes prompts (default: the model's own)
     max_prompts: int = 256  # prompts per request (more: 413)
     max_prompt_chars: int = 2000  # characters per prompt (longer: 413)
     idle_timeout_s: float = 30.0  # a connection that sends no request for this long is closed

@@ -117,7 +117,7 @@ def dina_config(variant: Variant) -> DiNaConfig:
     model = {**DEMO_MODEL, "model_type": variant.loss, "use_lora": variant.backbone == "lora",
              "freeze_backbone": variant.backbone == "frozen"}
     training = {"t_weighting_scheme": "constant", "t_weighting_scheme_param": 0.0} if variant.train_u == "zero" else {}
-    return DiNaConfig.from_dict({"model": model, "training": training})
+    return DiNaConfig.from_dict({"model": model, "training": training, "data": {"train": {"max_sequence_length": T5_TOKENS}}})
 
 
 def build_model(variant: Variant, transformer, text_widths: tuple[int, int]):

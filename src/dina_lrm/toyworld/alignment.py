@@ -213,7 +213,7 @@ def reward_costs(rewards: dict, base_dir: Path, config: ToyAlignmentConfig, batc
     sampling up to the middle of the stop window; and the memory the reward adds: its own weights (not
     shared with the policy) plus the activations autograd keeps for the backward. Counted, not timed."""
     pipe = load_pipeline(base_dir)
-    kwargs = dict(generator=str(base_dir), pipe=pipe, device="cpu", max_sequence_length=T5_TOKENS)
+    kwargs = dict(generator=str(base_dir), pipe=pipe, device="cpu")
     built = {kind: build_reward(reward_spec(kind, rewards, base_dir), **kwargs) for kind in ("dina", "pixel")}
     prompt_encoder = SD3PromptEncoder.from_pipeline(pipe, max_sequence_length=T5_TOKENS)
     prompts = [spec.text for spec in sample_prompts(batch, "train", 7)]

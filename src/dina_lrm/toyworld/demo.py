@@ -125,7 +125,7 @@ def world_checks(vae, specs, seed: int) -> dict:
 
 
 def dina_config(loss: str) -> DiNaConfig:
-    return DiNaConfig.from_dict({"model": {**DEMO_MODEL, "model_type": loss}})
+    return DiNaConfig.from_dict({"model": {**DEMO_MODEL, "model_type": loss}, "data": {"train": {"max_sequence_length": T5_TOKENS}}})
 
 
 def dina_wins(scorer: Scorer, pairs: PairTable, seed: int, **levels) -> torch.Tensor:
@@ -268,12 +268,12 @@ def run_demo(
     with timed(timings, "evaluate"):
         reward_dir = models["DiNa-LRM (Thurstone)"].save_pretrained(out / "reward_model")
         save_pixel_reward(pixel_model, out / "pixel_reward.safetensors")
-        reloaded = Scorer.from_pretrained(reward_dir, generator_dir, max_sequence_length=T5_TOKENS)
+        reloaded = Scorer.from_pretrained(reward_dir, generator_dir)
         results = evaluate_methods(models, reloaded, pixel_model, pipe, prompt_encoder, test_pairs, config)
     with timed(timings, "benchmark eval"):
         benchmark = write_toy_benchmark(out / "benchmark", prompts=config.benchmark_prompts, seed=config.seed)
         eval_config = EvalConfig(format="hpdv2", input=str(benchmark), out=str(out / "eval"), reward=str(reward_dir),
-                                 model=str(generator_dir), max_sequence_length=T5_TOKENS, seed=config.seed)
+                                 model=str(generator_dir), seed=config.seed)
         benchmark_eval = evaluate(eval_config, pipe=pipe, overwrite=True)  # the demo's own folder, claimed above
     summary = {
         "config": asdict(config),
@@ -296,7 +296,7 @@ def run_demo(
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(report)
     print(f"Wrote {out / 'report.md'}. Score latents or images with the saved reward model:\n"
-          f"  dina-lrm score --reward {reward_dir} --model {generator_dir} --max-sequence-length {T5_TOKENS} --prompt 'two red circles' IMAGE.png --u 0.4")
+          f"  dina-lrm score --reward {reward_dir} --model {generator_dir} --prompt 'two red circles' IMAGE.png --u 0.1")
     return summary
 
 

@@ -134,6 +134,11 @@ class Trainer:
         pipe = pipe if pipe is not None else self._load_pipeline()
         self.sigma_table = SigmaTable.from_scheduler(pipe.scheduler)
         self.sampler = NoiseSampler.from_release(training.t_weighting_scheme, training.t_weighting_scheme_param)
+        cached_tokens = self.loader.dataset.prompt_tokens
+        if cached_tokens is not None and cached_tokens != config.data.train.max_sequence_length:
+            raise ValueError(f"the shards cache prompt embeddings of {cached_tokens} T5 tokens but data.train.max_sequence_length is "
+                             f"{config.data.train.max_sequence_length}; set it to {cached_tokens}: the saved model records it, "
+                             "and scoring encodes prompts with it")
         self.prompt_encoder = None
         if not self.loader.dataset.has_prompt_embeds:
             from dina_lrm.models.sd3_text import SD3PromptEncoder
