@@ -227,3 +227,24 @@ class TestBadInput:
         shutil.copytree(tmp_path / "two" / "checkpoint" / "backbone_lora", tmp_path / "three" / "checkpoint" / "backbone_lora")
         with pytest.raises(CheckpointError, match="does not fit this backbone"):
             DiNaLRM.from_pretrained(tmp_path / "three", _fresh_transformer(pipe))
+
+
+def test_a_hub_id_loads_from_the_local_hub_cache_offline(pipe, text_inputs, tmp_path, monkeypatch):
+    """Scorer/DiNaLRM.from_pretrained("owner/name") resolves through huggingface_hub; offline (as in
+    every test) it reads the cache, laid out as huggingface_hub writes it."""
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--liuhuohuo--DiNa-LRM-tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    model = DiNaLRM(tiny_config(), _fresh_transformer(pipe)).eval()
+    randomize_lora(model)
+    model.save_pretrained(repo / "snapshots" / commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    loaded = DiNaLRM.from_pretrained("liuhuohuo/DiNa-LRM-tiny", _fresh_transformer(pipe))
+    args = (make_latents(), *text_inputs, torch.tensor([400.0]))
+    torch.testing.assert_close(loaded(*args), model(*args), rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="not in the cache .* while the hub is offline or unreachable"):
+        DiNaLRM.from_pretrained("liuhuohuo/not-downloaded", _fresh_transformer(pipe))

@@ -257,4 +257,7 @@ def load_pipeline(model_id_or_dir: str | Path, dtype: torch.dtype = torch.float3
         return DiffusionPipeline.from_pretrained(str(model_id_or_dir), dtype=dtype, **absent)
     except (OSError, ValueError) as err:
         where = "local directory" if Path(model_id_or_dir).exists() else "hub id (or missing local path)"
-        raise OSError(f"cannot load the generator pipeline from {model_id_or_dir!r} ({where}): {err}") from err
+        gated = "gated" in str(err).lower() or "401" in str(err)
+        hint = (f"; the model is gated: accept its licence at https://huggingface.co/{model_id_or_dir} and log in "
+                "(`hf auth login` or HF_TOKEN)") if gated else ""
+        raise OSError(f"cannot load the generator pipeline from {model_id_or_dir!r} ({where}): {err}{hint}") from err

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -27,8 +28,36 @@ BACKBONE_NAME = "backbone.safetensors"
 RELEASE_FULL_NAME = "full_model.pt"
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
+
+
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or does not fit the model."""
+
+
+def resolve_directory(directory_or_hub_id: str | Path) -> Path:
+    """A local reward model directory as it is; a hub id (``owner/name``, not a local directory) as
+    its local snapshot, downloaded or, offline, read from the Hugging Face cache."""
+    path = Path(directory_or_hub_id)
+    if path.is_dir():
+        return path
+    repo = str(directory_or_hub_id)
+    if not HUB_ID.match(repo):
+        raise FileNotFoundError(f"reward model directory not found: {path}")
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo))
+    except GatedRepoError as err:
+        raise OSError(f"{repo} is gated on the hub: accept its licence at https://huggingface.co/{repo} and log in "
+                      "(`hf auth login` or HF_TOKEN)") from err
+    except RepositoryNotFoundError as err:
+        raise FileNotFoundError(f"reward model directory not found: {repo} is neither a local directory nor a hub "
+                                "repository (a private one needs a login)") from err
+    except LocalEntryNotFoundError as err:
+        raise FileNotFoundError(f"reward model directory not found: {repo} is not a local directory, and as a hub id it is "
+                                f"not in the cache ({constants.HF_HUB_CACHE}) while the hub is offline or unreachable") from err
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

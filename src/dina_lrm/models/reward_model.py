@@ -134,10 +134,9 @@ class DiNaLRM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, transformer: nn.Module) -> DiNaLRM:
-        """Load our checkpoints or the release's, onto ``transformer``'s device and dtype (eval mode)."""
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"reward model directory not found: {directory}")
+        """Load our checkpoints or the release's, onto ``transformer``'s device and dtype (eval mode).
+        ``directory``: a local directory or a hub id such as ``liuhuohuo/DiNa-LRM-SD35M-12layers``."""
+        directory = ckpt.resolve_directory(directory)
         config_path = directory / ckpt.CONFIG_NAME
         if not config_path.is_file():
             raise ckpt.CheckpointError(f"{config_path} is missing: not a DiNa-LRM checkpoint directory")
