@@ -96,3 +96,25 @@ def test_serve_takes_verl_omnis_flag_names():
 
     args = build_parser().parse_args(["serve", "--model-path", "rm_dir", "--base-model-path", "sd35"])
     assert config_from_args(args, SERVE_FLAGS) == {"reward": "rm_dir", "model": "sd35"}
+
+
+def test_the_core_install_scores_and_serves_without_the_extras(reward_dir, pipeline_dir):
+    """The core dependencies suffice to score and serve: pyarrow, matplotlib and tensorboard (the
+    train/eval extras) are blocked from importing here, and scoring still works."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+for name in ("pyarrow", "matplotlib", "tensorboard"):
+    sys.modules[name] = None
+import torch
+from dina_lrm import Scorer
+from dina_lrm.serve.server import RewardService, ServeConfig
+scorer = Scorer.from_pretrained({str(reward_dir)!r}, {str(pipeline_dir)!r})
+RewardService(scorer, ServeConfig(reward="r", model="m")).close()
+print(scorer.score("a red circle", latents=torch.zeros(1, 4, 8, 8), u=0.4, seed=0).raw.shape)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("torch.Size([1])")

@@ -52,6 +52,14 @@ def score_inputs(args) -> list[tuple[str, str]]:
 
 def run_score(args) -> int:
     pairs = score_inputs(args)  # before any model loads: a typo should not cost minutes
+    if args.toy:
+        if args.reward or args.model:
+            raise ValueError("--toy picks the shipped toy reward model and generator; leave out --reward and --model")
+        from dina_lrm.toyworld.demo import SHIPPED_GENERATOR, SHIPPED_REWARD
+
+        args.reward, args.model = str(SHIPPED_REWARD), str(SHIPPED_GENERATOR)
+    elif not (args.reward and args.model):
+        raise ValueError("give --reward DIR (or hub id) and --model (its generator), or --toy")
     from dina_lrm.scorer import DTYPES, Scorer
 
     scorer = Scorer.from_pretrained(
@@ -241,8 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     score = commands.add_parser("score", help="score prompt/image pairs with a trained reward model")
-    score.add_argument("--reward", required=True, help="reward model directory (config.json + checkpoint/)")
-    score.add_argument("--model", required=True, help="generator pipeline: local directory or hub id")
+    score.add_argument("--reward", help="reward model: directory (config.json + checkpoint/) or hub id")
+    score.add_argument("--model", help="generator pipeline: local directory or hub id")
+    score.add_argument("--toy", action="store_true", help="the shipped toy reward model on the shipped toy generator: "
+                       "try scoring right after install (toy-world images, 64x64)")
     score.add_argument("--prompt", help="one prompt for all IMAGE arguments")
     score.add_argument("images", nargs="*", metavar="IMAGE")
     score.add_argument("--pairs", help="CSV (prompt,image header) or JSONL file of pairs")

@@ -94,6 +94,11 @@ def flow_grpo_latent_reward(
         scorer = _load(reward_dir, model, device, dtype, max_sequence_length)
 
         def fn(latents, prompts, metadata=None, prompt_embeds=None, pooled_prompt_embeds=None) -> tuple[np.ndarray, dict]:
+            if torch.is_tensor(latents) and latents.dim() == 5:
+                raise ValueError(f"latents of shape {tuple(latents.shape)} look like stacked trajectories (B, T+1, C, h, w): "
+                                 "pass the final latents, latents[:, -1]")
+            if len(latents) != len(prompts):
+                raise ValueError(f"{len(latents)} latents for {len(prompts)} prompts")
             text = (
                 {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
                 if prompt_embeds is not None or pooled_prompt_embeds is not None

@@ -15,7 +15,8 @@ from PIL import Image
 
 from dina_lrm.toyworld.judge import Judge
 from dina_lrm.toyworld.preferences import corrupted_render
-from dina_lrm.toyworld.scenes import render, sample_prompts, scene_for
+from dina_lrm.toyworld.corruptions import corrupt_scene
+from dina_lrm.toyworld.scenes import parse_prompt, render, sample_prompts, scene_for
 
 
 def competition_ranks(scores: list[float]) -> list[int]:
@@ -42,3 +43,18 @@ def write_toy_benchmark(out: str | Path, prompts: int = 40, images_per_prompt: i
     path = out / "test.json"
     path.write_text(json.dumps(rows, indent=1))
     return path
+
+
+def write_examples(out: str | Path, prompt: str = "two red circles", seed: int = 0) -> list[Path]:
+    """Two images for trying a toy reward model: a clean render of ``prompt`` and a scene with the wrong
+    object count (the shipped ``toyworld/examples/``: ``write_examples("src/dina_lrm/toyworld/examples")``)."""
+    spec, rng = parse_prompt(prompt), np.random.default_rng(seed)
+    scene = scene_for(spec, rng)
+    wrong = next(w for w in (corrupt_scene(spec, scene, "count", rng) for _ in range(100)) if w is not None)  # placement can fail
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = prompt.replace(" ", "_")
+    paths = [out / f"{stem}.png", out / f"{stem}_wrong_count.png"]
+    for path, image in zip(paths, (render(scene), render(wrong))):
+        Image.fromarray(image).save(path)
+    return paths

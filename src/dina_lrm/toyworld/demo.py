@@ -52,6 +52,7 @@ from dina_lrm.train.pairs import FitConfig, PairBatches, fit_pairs, step_flops
 from dina_lrm.train.step import preference_step
 
 SHIPPED_GENERATOR = Path(__file__).parent / "pretrained"
+SHIPPED_REWARD = Path(__file__).parent / "pretrained_reward"  # the demo's DiNa-LRM (Thurstone), copied from demo_out/reward_model
 U_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 DINA_LOSSES = {"DiNa-LRM (Thurstone)": "thurstone", "Bradley-Terry": "bt", "constant-variance Thurstone": "thurstone_const"}
 PIXEL_METHOD = "pixel reward (decodes)"
