@@ -118,3 +118,14 @@ print(scorer.score("a red circle", latents=torch.zeros(1, 4, 8, 8), u=0.4, seed=
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("torch.Size([1])")
+
+
+def test_pairs_paths_start_at_images_root(setup, capsys):
+    reward, model, images, tmp = setup
+    (tmp / "lists").mkdir()
+    (tmp / "lists" / "pairs.csv").write_text("prompt,image\n" + "".join(f"a red circle,{p.name}\n" for p in images))
+    base = ["score", "--reward", str(reward), "--model", str(model), "--json", "--pairs", str(tmp / "lists" / "pairs.csv")]
+    assert main(base) == 2
+    assert "image not found: " + str(tmp / "lists" / "img0.png") in capsys.readouterr().err
+    assert main([*base, "--images-root", str(tmp)]) == 0
+    assert [row["image"] for row in json.loads(capsys.readouterr().out)["scores"]] == [str(p.resolve()) for p in images]

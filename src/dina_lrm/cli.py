@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import csv
+import dataclasses
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -13,9 +14,9 @@ import dina_lrm
 from dina_lrm.config import DTYPE_NAMES
 
 
-def read_pairs(path: Path) -> list[tuple[str, str]]:
+def read_pairs(path: Path, images_root: Path | None = None) -> list[tuple[str, str]]:
     """(prompt, image path) rows from a CSV (header ``prompt,image``) or JSONL file; relative image
-    paths are resolved against the file's folder."""
+    paths are resolved against ``images_root``, by default the file's own folder."""
     if not path.is_file():
         raise FileNotFoundError(f"pairs file not found: {path}")
     if path.suffix == ".jsonl":
@@ -27,7 +28,7 @@ def read_pairs(path: Path) -> list[tuple[str, str]]:
     for number, row in enumerate(rows, start=1):
         if not row.get("prompt") or not row.get("image"):
             raise ValueError(f"{path}, row {number}: needs non-empty 'prompt' and 'image' fields, got {row}")
-        pairs.append((row["prompt"], str((path.parent / row["image"]).resolve())))
+        pairs.append((row["prompt"], str(((images_root or path.parent) / row["image"]).resolve())))
     if not pairs:
         raise ValueError(f"{path} holds no rows")
     return pairs
@@ -37,8 +38,10 @@ def score_inputs(args) -> list[tuple[str, str]]:
     """(prompt, image path) pairs from --pairs or --prompt + IMAGEs, every image checked to exist."""
     if args.pairs and (args.prompt or args.images):
         raise ValueError("give --pairs FILE, or --prompt with IMAGE paths, not both")
+    if args.images_root and not args.pairs:
+        raise ValueError("--images-root applies to the image paths of a --pairs file")
     if args.pairs:
-        pairs = read_pairs(Path(args.pairs))
+        pairs = read_pairs(Path(args.pairs), Path(args.images_root) if args.images_root else None)
     elif args.prompt and args.images:
         pairs = [(args.prompt, image) for image in args.images]
     else:
@@ -255,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "try scoring right after install (toy-world images, 64x64)")
     score.add_argument("--prompt", help="one prompt for all IMAGE arguments")
     score.add_argument("images", nargs="*", metavar="IMAGE")
-    score.add_argument("--pairs", help="CSV (prompt,image header) or JSONL file of pairs")
+    score.add_argument("--pairs", help="CSV (prompt,image header) or JSONL file of pairs; relative image paths start at "
+                       "--images-root, by default the file's folder")
+    score.add_argument("--images-root", help="where the relative image paths of --pairs start (default: the file's folder)")
     score.add_argument("--u", type=float, default=0.1, help="noise level (0.1 suits images from files)")
     score.add_argument("--noise-levels", type=parse_levels, help="ensemble over these comma-separated noise levels, e.g. 0.2,0.5,0.7")
     score.add_argument("--n-draws", type=int, default=1, help="average this many noise draws")
@@ -406,7 +411,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class QuietTorchvisionFallback(logging.Filter):
+    """transformers warns on every command that torchvision is missing and that it falls back to PIL
+    image processors; no dina-lrm path uses those processors, so the line is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
 def main(argv: list[str] | None = None) -> int:
+    logging.getLogger("transformers.utils.import_utils").addFilter(QuietTorchvisionFallback())
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from dina_lrm.config import DiNaConfig
 from dina_lrm.data.shards import PairTable, load_preference_shards, write_preference_shards
@@ -296,8 +297,10 @@ def run_demo(
     summary["timings_s"] = timings
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(report)
-    print(f"Wrote {out / 'report.md'}. Score latents or images with the saved reward model:\n"
-          f"  dina-lrm score --reward {reward_dir} --model {generator_dir} --prompt 'two red circles' IMAGE.png --u 0.1")
+    first = json.loads(benchmark.read_text())[0]  # a benchmark prompt: its clean render, then a corrupted one
+    images = " ".join(str(benchmark.parent / path) for path in first["image_path"][:2])
+    print(f"Wrote {out / 'report.md'}. Score images with the saved reward model (u = 0.1 suits image files):\n"
+          f"  dina-lrm score --reward {reward_dir} --model {generator_dir} --u 0.1 --prompt '{first['prompt']}' {images}")
     return summary
 
 
@@ -307,8 +310,11 @@ def evaluate_methods(models, reloaded: Scorer, pixel_model, pipe, prompt_encoder
     sigma_table = reloaded.sigma_table
     results: dict = {}
     groups = test_pairs.group_ids
+    sources = sorted(set(test_pairs.sources))
+    progress = tqdm(total=len(models) * (len(U_GRID) + 1) + 1 + 2 * len(sources), desc="evaluate held-out pairs", mininterval=5)
 
     def summarise(wins: torch.Tensor) -> tuple[float, list[float]]:
+        progress.update(1)
         return wins.mean().item(), list(bootstrap_interval(wins.numpy(), groups, seed=config.seed))
 
     for name, model in models.items():
@@ -322,12 +328,14 @@ def evaluate_methods(models, reloaded: Scorer, pixel_model, pipe, prompt_encoder
     results[PIXEL_METHOD] = {"accuracy": pixel, "ci": pixel_ci}
     main = results["DiNa-LRM (Thurstone)"]
     by_source = {}
-    for source in sorted(set(test_pairs.sources)):
+    for source in sources:
         part = subset(test_pairs, [i for i, s in enumerate(test_pairs.sources) if s == source])
         by_source[source] = {
             "pairs": len(part),
             "DiNa-LRM": dina_accuracy(reloaded, part, config.seed, u=float(main["best_u"])),
             "pixel": pixel_accuracy(pixel_model, pipe.vae, prompt_encoder, part),
         }
+        progress.update(2)
+    progress.close()
     results["by_source"] = by_source
     return results
