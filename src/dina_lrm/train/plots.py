@@ -33,7 +33,7 @@ def plot_training_curves(metrics_path: Path, out: Path) -> Path:
         for key in eval_keys:
             steps = [s for s, r in rows.items() if key in r]
             axes[2].plot(steps, [rows[s][key] for s in steps], marker="o", label=key.removeprefix("eval/"))
-        axes[2].set(title="eval pairwise accuracy (EMA)", xlabel="optimizer step", ylim=(0, 1))
+        axes[2].set(title="eval pairwise accuracy (EMA)", xlabel="optimizer step", ylim=(-0.02, 1.02))  # 0 and 1 stay visible
         axes[2].legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(out, dpi=110)
