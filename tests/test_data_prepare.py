@@ -115,6 +115,29 @@ def test_pickapic_reader_reads_row_groups_labels_and_ties(tmp_path):
         dataset_units("pickapic", tmp_path / "bad.parquet")
 
 
+def test_a_folder_of_several_splits_needs_one_named(tmp_path, generic_jsonl):
+    """Pick-a-Pic's data/ folder holds train, validation, test and the _unique splits side by side."""
+    def write(name, captions):
+        rows = {"caption": captions, "jpg_0": [png_bytes(1)] * len(captions), "jpg_1": [png_bytes(2)] * len(captions),
+                "label_0": [1.0] * len(captions), "label_1": [0.0] * len(captions)}
+        pq.write_table(pa.table(rows), tmp_path / "data" / name)
+
+    (tmp_path / "data").mkdir()
+    write("train-00000-of-00002-aa.parquet", ["t1", "t2"])
+    write("train-00001-of-00002-bb.parquet", ["t3"])
+    write("validation_unique-00000-of-00001-cc.parquet", ["v1"])
+    write("test_unique-00000-of-00001-dd.parquet", ["u1", "u2"])
+    with pytest.raises(ValueError, match=r"holds several splits \(test_unique, train, validation_unique\): pass --split"):
+        dataset_units("pickapic", tmp_path / "data")
+    groups, _ = read_dataset("pickapic", tmp_path / "data", split="test_unique")
+    assert [g.prompt for g in groups] == ["u1", "u2"]
+    assert [g.prompt for g in read_dataset("pickapic", tmp_path / "data", split="train")[0]] == ["t1", "t2", "t3"]
+    with pytest.raises(ValueError, match="has no split 'test'; its splits: test_unique, train, validation_unique"):
+        dataset_units("pickapic", tmp_path / "data", split="test")
+    with pytest.raises(ValueError, match="--split picks one split of a parquet dataset folder"):
+        dataset_units("generic", generic_jsonl, split="test")
+
+
 def test_unknown_format_and_missing_files_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset format 'laion'"):
         dataset_units("laion", tmp_path / "x.json")

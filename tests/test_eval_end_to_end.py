@@ -74,6 +74,7 @@ def test_eval_end_to_end(benchmark, reward_dir, pipeline_dir, tmp_path):
     groups, _ = read_dataset("hpdv2", benchmark)
     pairs = PairIndex.of(groups)
     assert summary["benchmark"]["pairs"] == len(pairs) == settings["judge"]["pairs"]
+    assert summary["benchmark"]["files"] == [benchmark.name] and summary["benchmark"]["split"] is None
     # accuracies recomputed independently from the per-image CSV
     samples = read_csv(out / "samples.csv")
     assert len(samples) == 18 and samples[0]["image_id"] == "images/0000_0.png"
@@ -88,6 +89,7 @@ def test_eval_end_to_end(benchmark, reward_dir, pipeline_dir, tmp_path):
     for name in ("report.md", "accuracy_vs_u.png", "ensemble_scaling.png", "calibration.png", "summary.json"):
         assert (out / name).stat().st_size > 0
     report = (out / "report.md").read_text()
+    assert f"Read 1 files: {benchmark.name}." in report
     assert "0.5 when the two model scores are equal" in report and "| judge | 1.0000 |" in report
 
     shards = sorted((out / "latents").glob("shard-*.parquet"))

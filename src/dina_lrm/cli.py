@@ -123,7 +123,7 @@ def run_train(args) -> int:
 
 
 EVAL_FLAGS = {
-    "format": "format", "input": "input", "out": "out", "reward": "reward", "model": "model", "images_root": "images_root",
+    "format": "format", "input": "input", "split": "split", "out": "out", "reward": "reward", "model": "model", "images_root": "images_root",
     "latent_cache": "latent_cache", "u": "u_values", "draws": "draws", "levels": "level_sets", "extra_reward": "extra_rewards",
     "batch_size": "batch_size", "seed": "seed", "resamples": "bootstrap_resamples", "skip_missing": "skip_missing",
     "allow_outside_root": "allow_outside_root",
@@ -278,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--overwrite", action="store_true", help="replace the shards of an earlier prepare with other settings in --out")
     prepare.add_argument("--model", required=True, help="generator pipeline whose VAE encodes the images")
     prepare.add_argument("--images-root", help="where relative image paths start (default: the dataset file's folder)")
+    prepare.add_argument("--split", help="one split of a parquet dataset folder, e.g. train or validation_unique (Pick-a-Pic)")
     prepare.add_argument("--reference-size", type=int, help="bucket area = SIZE^2 pixels (default: the generator's native size)")
     prepare.add_argument("--bucket-step", type=int, help="bucket side step in pixels (default: 4 x VAE factor x patch size)")
     prepare.add_argument("--batch-size", type=int, help="images per VAE call (default 16)")
@@ -300,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     evaluate.add_argument("--format", help="hpdv2, imagereward, hpdv3, genai_bench, pickapic or generic (see docs/eval.md)")
     evaluate.add_argument("--input", help="the benchmark's annotation file or parquet directory")
+    evaluate.add_argument("--split", help="one split of a parquet dataset folder: test_unique (Pick-a-Pic, what PickScore reports), test_v1 (GenAI-Bench v1)")
     evaluate.add_argument("--images-root", help="where relative image paths start (default: the annotation file's folder)")
     evaluate.add_argument("--out", help="report directory (default eval_out)")
     evaluate.add_argument("--reward", help="DiNa-LRM reward model directory")

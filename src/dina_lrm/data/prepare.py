@@ -42,6 +42,7 @@ class PrepareConfig:
     out: str
     model: str  # generator pipeline: local directory or hub id (its VAE, and text encoders when caching)
     images_root: str | None = None  # where relative image paths start (default: the dataset file's folder)
+    split: str | None = None  # one split of a parquet dataset folder (Pick-a-Pic: train, validation_unique, ...)
     reference_size: int | None = None  # bucket area = reference_size**2 (default: the backbone's native size)
     bucket_step: int | None = None
     batch_size: int = 16  # images per VAE call
@@ -189,7 +190,7 @@ def prepare(config: PrepareConfig, pipe=None, overwrite: bool = False) -> Path |
     if state.is_main_process:
         claim_output(out, "prepare", _settings(config), PREPARE_OUTPUTS, overwrite=overwrite, continues=True)
     state.wait_for_everyone()
-    units = dataset_units(config.format, config.input, config.images_root, config.groups_per_shard)
+    units = dataset_units(config.format, config.input, config.images_root, config.groups_per_shard, config.split)
     todo = pending_units(units, out, state)
     if todo:
         pipe = pipe if pipe is not None else load_pipeline(config.model, DTYPES[config.dtype]).to(state.device)

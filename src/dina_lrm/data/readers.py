@@ -28,10 +28,10 @@ import functools
 import glob
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
 
 from dina_lrm.data.parquet import parquet_file, read_row_group
 from dina_lrm.data.records import PreferenceGroup, ReadReport
@@ -109,7 +109,24 @@ def pickapic_group(row: dict, index: int) -> PreferenceGroup:
     )
 
 
-def _parquet_files(path: Path) -> list[Path]:
+SHARD_NAME = re.compile(r"^(?P<split>.+?)-\d{5}-of-\d{5}")  # the hub's parquet names: test_unique-00000-of-00001-....parquet
+
+
+def unit_files(units: list[WorkUnit]) -> list[str]:
+    """The names of the files the units read, for reports."""
+    return sorted({unit.name.rsplit(":", 1)[0] for unit in units})
+
+
+def split_of(file: Path) -> str:
+    """The split a parquet file of a hub dataset belongs to, from its name."""
+    match = SHARD_NAME.match(file.name)
+    return match.group("split") if match else file.stem
+
+
+def parquet_files(path: Path, split: str | None = None) -> list[Path]:
+    """The parquet files of ``path`` (a file, a glob, or a dataset folder). A folder that holds
+    several splits (Pick-a-Pic's train, validation, test and their ``_unique`` variants; GenAI-Bench's
+    current and v1 files) must be narrowed to one with ``split``."""
     if path.is_dir():
         files = sorted(path.glob("*.parquet"))
     else:
@@ -117,13 +134,20 @@ def _parquet_files(path: Path) -> list[Path]:
     files = [f for f in files if f.is_file()]
     if not files:
         raise FileNotFoundError(f"no parquet files at {path}")
+    splits = sorted({split_of(f) for f in files})
+    if split is not None:
+        files = [f for f in files if split_of(f) == split]
+        if not files:
+            raise ValueError(f"{path} has no split {split!r}; its splits: {', '.join(splits)}")
+    elif len(splits) > 1:
+        raise ValueError(f"{path} holds several splits ({', '.join(splits)}): pass --split NAME to read one")
     return files
 
 
-def _parquet_units(path: Path, to_group, columns: list[str], required: list[str], dataset: str) -> list[WorkUnit]:
+def _parquet_units(path: Path, split: str | None, to_group, columns: list[str], required: list[str], dataset: str) -> list[WorkUnit]:
     """One unit per parquet row group, so a unit never needs more than one row group in memory."""
     units = []
-    for file in _parquet_files(path):
+    for file in parquet_files(path, split):
         parquet = parquet_file(file)
         metadata = parquet.metadata
         missing = [c for c in required if c not in parquet.schema_arrow.names]
@@ -141,9 +165,9 @@ def _parquet_units(path: Path, to_group, columns: list[str], required: list[str]
     return units
 
 
-def pickapic_units(path: Path, images_root: Path | None = None, groups_per_unit: int = 0) -> list[WorkUnit]:
+def pickapic_units(path: Path, images_root: Path | None = None, groups_per_unit: int = 0, split: str | None = None) -> list[WorkUnit]:
     required = ["caption", "jpg_0", "jpg_1", "label_0", "label_1"]
-    return _parquet_units(path, pickapic_group, PICKAPIC_COLUMNS, required, "Pick-a-Pic v2")
+    return _parquet_units(path, split, pickapic_group, PICKAPIC_COLUMNS, required, "Pick-a-Pic v2")
 
 
 # GenAI-Bench (GenAI-Arena votes) ------------------------------------------------------------
@@ -176,9 +200,9 @@ def genai_bench_group(row: dict, index: int) -> PreferenceGroup:
     )
 
 
-def genai_bench_units(path: Path, images_root: Path | None = None, groups_per_unit: int = 0) -> list[WorkUnit]:
+def genai_bench_units(path: Path, images_root: Path | None = None, groups_per_unit: int = 0, split: str | None = None) -> list[WorkUnit]:
     required = ["prompt", "left_image", "right_image", "vote_type"]
-    return _parquet_units(path, genai_bench_group, GENAI_BENCH_COLUMNS, required, "GenAI-Bench image_generation")
+    return _parquet_units(path, split, genai_bench_group, GENAI_BENCH_COLUMNS, required, "GenAI-Bench image_generation")
 
 
 # JSON / JSONL / CSV formats -----------------------------------------------------------------
@@ -278,7 +302,10 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 def _row_units(to_group: Callable[[dict, int, Path], PreferenceGroup]):
-    def units(path: Path, images_root: Path | None = None, groups_per_unit: int = DEFAULT_GROUPS_PER_UNIT) -> list[WorkUnit]:
+    def units(path: Path, images_root: Path | None = None, groups_per_unit: int = DEFAULT_GROUPS_PER_UNIT,
+              split: str | None = None) -> list[WorkUnit]:
+        if split is not None:
+            raise ValueError(f"--split picks one split of a parquet dataset folder (pickapic, genai_bench); {path} is one file already")
         rows = _read_rows(path)
         convert = functools.partial(to_group, root=Path(images_root) if images_root is not None else path.parent)
         return [
@@ -300,23 +327,29 @@ FORMATS: dict[str, Callable[..., list[WorkUnit]]] = {
 
 
 def dataset_units(
-    fmt: str, path: str | Path, images_root: str | Path | None = None, groups_per_unit: int = DEFAULT_GROUPS_PER_UNIT
+    fmt: str, path: str | Path, images_root: str | Path | None = None, groups_per_unit: int = DEFAULT_GROUPS_PER_UNIT,
+    split: str | None = None,
 ) -> list[WorkUnit]:
-    """The work units of a dataset in format ``fmt`` (one of ``FORMATS``)."""
+    """The work units of a dataset in format ``fmt`` (one of ``FORMATS``), of one ``split`` of a parquet folder."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown dataset format {fmt!r}; choose one of {sorted(FORMATS)}")
     if groups_per_unit < 1:
         raise ValueError(f"groups_per_unit must be >= 1, got {groups_per_unit}")
-    units = FORMATS[fmt](Path(path), Path(images_root) if images_root else None, groups_per_unit)
+    units = FORMATS[fmt](Path(path), Path(images_root) if images_root else None, groups_per_unit, split)
     if not units:
         raise ValueError(f"dataset {path} holds no rows")
     return units
 
 
-def read_dataset(fmt: str, path: str | Path, images_root: str | Path | None = None) -> tuple[list[PreferenceGroup], ReadReport]:
+def read_dataset(fmt: str, path: str | Path, images_root: str | Path | None = None,
+                 split: str | None = None) -> tuple[list[PreferenceGroup], ReadReport]:
     """All groups of a dataset at once (for small datasets and evaluation sets)."""
+    return read_units(dataset_units(fmt, path, images_root, split=split))
+
+
+def read_units(units: list[WorkUnit]) -> tuple[list[PreferenceGroup], ReadReport]:
     groups, report = [], ReadReport()
-    for unit in dataset_units(fmt, path, images_root):
+    for unit in units:
         unit_groups, unit_report = unit.read()
         groups += unit_groups
         report.merge(unit_report)

@@ -38,6 +38,8 @@ class Census:
     missing_images: int = 0
     groups_dropped_for_missing: int = 0
     images_outside_root: int = 0  # read only with --allow-outside-root
+    split: str | None = None  # the split read, for parquet dataset folders
+    files: list = field(default_factory=list)  # the dataset files read
 
     @classmethod
     def of(cls, groups: list[PreferenceGroup], report: ReadReport) -> Census:

@@ -113,6 +113,8 @@ def report_markdown(summary: dict) -> str:
     bench = summary["benchmark"]
     lines = [
         f"# Evaluation: {bench['format']} ({bench['input']})", "",
+        f"Read {len(bench.get('files', []))} files{' of split ' + repr(bench['split']) if bench.get('split') else ''}: "
+        f"{', '.join(bench.get('files', [])[:5])}{', ...' if len(bench.get('files', [])) > 5 else ''}.", "",
         f"{bench['prompts']} prompts, {bench['images']} images, **{bench['pairs']} compared pairs**. Left out: "
         f"{bench['tied_pairs']} pairs tied in human rank, {bench['all_tied_prompts']} prompts whose images are all tied, "
         f"invalid rows {bench['invalid_rows'] or 'none'}, {bench['missing_images']} missing images "

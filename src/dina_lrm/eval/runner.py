@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from dina_lrm.config import from_dict, import_object
 from dina_lrm.data.prepare import PrepareConfig, open_image
-from dina_lrm.data.readers import read_dataset
+from dina_lrm.data.readers import dataset_units, read_units, unit_files
 from dina_lrm.data.records import PreferenceGroup
 from dina_lrm.distributed import cpu_only
 from dina_lrm.eval.cost import MemoryMeter, scoring_flops
@@ -37,6 +37,7 @@ from dina_lrm.outputs import claim_output
 class EvalConfig:
     format: str = ""  # a reader of data/readers.py: hpdv2, imagereward, hpdv3, genai_bench, pickapic, generic
     input: str = ""
+    split: str | None = None  # one split of a parquet dataset folder (e.g. Pick-a-Pic's test_unique)
     out: str = "eval_out"
     reward: str | None = None  # DiNa-LRM reward model directory
     model: str | None = None  # its generator pipeline (local directory or hub id)
@@ -128,8 +129,10 @@ def without_images(groups: list[PreferenceGroup], bad: set[tuple[str, str]]) -> 
 
 
 def read_benchmark(config: EvalConfig, out: Path, state: PartialState) -> tuple[list[PreferenceGroup], Census]:
-    groups, report = read_dataset(config.format, config.input, config.images_root)
+    units = dataset_units(config.format, config.input, config.images_root, split=config.split)
+    groups, report = read_units(units)
     census = Census.of(groups, report)
+    census.split, census.files = config.split, unit_files(units)
     duplicated = len(groups) - len({g.group_id for g in groups})
     if duplicated:
         raise ValueError(f"{config.input}: {duplicated} prompt groups share an id; group ids must be unique")
