@@ -14,7 +14,7 @@ from PIL import Image
 from dina_lrm.data.buckets import aspect_ratio_buckets, nearest_bucket, resize_to_bucket
 from dina_lrm.data.images import vae_encode
 from dina_lrm.data.prepare import PrepareConfig, prepare
-from dina_lrm.data.readers import dataset_units, read_dataset
+from dina_lrm.data.readers import LabelRules, dataset_units, read_dataset
 from dina_lrm.data.shards import read_index
 from dina_lrm.models.sd3_text import SD3PromptEncoder
 
@@ -78,7 +78,8 @@ def test_hpdv3_and_imagereward_layouts(tmp_path):
     ]))
     groups, report = read_dataset("hpdv3", tmp_path / "test.json", images_root=tmp_path / "root")
     assert groups[0].images == [tmp_path / "root/images/a.jpg", tmp_path / "root/images/b.jpg"]
-    assert groups[0].pairs() == [(0, 1)] and groups[0].confidence == 0.97 and groups[0].source == "hpdv3:flux-vs-sdxl"
+    assert groups[0].pairs() == [(0, 1)] and groups[0].source == "hpdv3:flux-vs-sdxl"
+    assert groups[0].confidence == pytest.approx(12 / 19)  # HPSv3's soft label from choice_dist, not the confidence
     assert report.invalid == {"missing path2": 1}
     (tmp_path / "ir.json").write_text(json.dumps([
         {"id": "005658-0040", "prompt": "portal", "generations": ["a.webp", "b.webp", "c.webp", "d.webp"], "ranking": [1, 2, 5, 3]},
@@ -87,6 +88,32 @@ def test_hpdv3_and_imagereward_layouts(tmp_path):
     groups, report = read_dataset("imagereward", tmp_path / "ir.json")
     assert groups[0].group_id == "005658-0040" and len(groups[0].pairs()) == 6 and (0, 2) in groups[0].pairs()
     assert report.invalid == {"images and ranks differ in length": 1}
+
+
+def test_hpdv3_labels_filters_and_range_checks(tmp_path):
+    rows = [
+        {"prompt": "a", "path1": "a1.jpg", "path2": "a2.jpg", "choice_dist": [3, 1], "confidence": 0.99},
+        {"prompt": "b", "path1": "b1.jpg", "path2": "b2.jpg", "choice_dist": [0.55, 0.45], "confidence": 0.90},
+        {"prompt": "c", "path1": "c1.jpg", "path2": "c2.jpg", "confidence": 0.96},
+        {"prompt": "d", "path1": "d1.jpg", "path2": "d2.jpg", "choice_dist": [0, 5]},
+    ]
+    (tmp_path / "train.json").write_text(json.dumps(rows))
+    groups, _ = read_dataset("hpdv3", tmp_path / "train.json")
+    assert [g.confidence for g in groups] == pytest.approx([0.75, 0.55, 1.0, 1.0])  # no choice_dist: the hard label
+    hard, _ = read_dataset("hpdv3", tmp_path / "train.json", rules=LabelRules(soft_labels=False))
+    assert [g.confidence for g in hard] == [1.0] * 4
+    kept, report = read_dataset("hpdv3", tmp_path / "train.json", rules=LabelRules(min_confidence=0.95))
+    assert [g.prompt for g in kept] == ["a", "c", "d"] and report.invalid == {"confidence below 0.95": 1}
+    kept, report = read_dataset("hpdv3", tmp_path / "train.json", rules=LabelRules(min_vote_share=0.6))
+    assert [g.prompt for g in kept] == ["a", "c", "d"] and report.invalid == {"vote share of path1 not above 0.6": 1}
+    for bad, message in (({"confidence": 1.7}, "confidence 1.7 is outside"), ({"confidence": -3}, "confidence -3 is outside"),
+                         ({"choice_dist": [1, -1]}, "choice_dist"), ({"choice_dist": [0, 0]}, "positive sum")):
+        (tmp_path / "bad.json").write_text(json.dumps([rows[0], {**rows[1], **bad}]))
+        with pytest.raises(ValueError, match=f"bad.json, row 1: .*{message}"):
+            read_dataset("hpdv3", tmp_path / "bad.json")
+    (tmp_path / "generic.jsonl").write_text(json.dumps({"prompt": "x", "chosen": "a.png", "rejected": "b.png", "confidence": 1.7}))
+    with pytest.raises(ValueError, match="generic.jsonl, row 0: confidence 1.7 is outside"):
+        read_dataset("generic", tmp_path / "generic.jsonl")
 
 
 def test_pickapic_reader_reads_row_groups_labels_and_ties(tmp_path):

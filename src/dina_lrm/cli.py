@@ -126,7 +126,7 @@ EVAL_FLAGS = {
     "format": "format", "input": "input", "split": "split", "out": "out", "reward": "reward", "model": "model", "images_root": "images_root",
     "latent_cache": "latent_cache", "u": "u_values", "draws": "draws", "levels": "level_sets", "extra_reward": "extra_rewards",
     "batch_size": "batch_size", "seed": "seed", "resamples": "bootstrap_resamples", "skip_missing": "skip_missing",
-    "allow_outside_root": "allow_outside_root",
+    "allow_outside_root": "allow_outside_root", "min_confidence": "min_confidence", "min_vote_share": "min_vote_share",
     "device": "device", "dtype": "dtype", "max_sequence_length": "max_sequence_length", "reference_size": "reference_size",
 }
 
@@ -279,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--model", required=True, help="generator pipeline whose VAE encodes the images")
     prepare.add_argument("--images-root", help="where relative image paths start (default: the dataset file's folder)")
     prepare.add_argument("--split", help="one split of a parquet dataset folder, e.g. train or validation_unique (Pick-a-Pic)")
+    prepare.add_argument("--hard-labels", dest="soft_labels", action="store_false", default=None,
+                         help="HPDv3: target 1 for path1 instead of HPSv3's soft label from choice_dist")
+    prepare.add_argument("--min-confidence", type=float, help="HPDv3: keep rows with confidence >= this (HPSv3's 7B config: 0.95)")
+    prepare.add_argument("--min-vote-share", type=float, help="HPDv3: keep rows whose chosen image's vote share is above this "
+                         "(the authors' data tool: 0.6)")
     prepare.add_argument("--reference-size", type=int, help="bucket area = SIZE^2 pixels (default: the generator's native size)")
     prepare.add_argument("--bucket-step", type=int, help="bucket side step in pixels (default: 4 x VAE factor x patch size)")
     prepare.add_argument("--batch-size", type=int, help="images per VAE call (default 16)")
@@ -303,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--input", help="the benchmark's annotation file or parquet directory")
     evaluate.add_argument("--split", help="one split of a parquet dataset folder: test_unique (Pick-a-Pic, what PickScore reports), test_v1 (GenAI-Bench v1)")
     evaluate.add_argument("--images-root", help="where relative image paths start (default: the annotation file's folder)")
+    evaluate.add_argument("--min-confidence", type=float, help="HPDv3: keep rows with confidence >= this (as prepare)")
+    evaluate.add_argument("--min-vote-share", type=float, help="HPDv3: keep rows whose chosen vote share is above this (as prepare)")
     evaluate.add_argument("--out", help="report directory (default eval_out)")
     evaluate.add_argument("--reward", help="DiNa-LRM reward model directory")
     evaluate.add_argument("--model", help="the reward model's generator pipeline: local directory or hub id")

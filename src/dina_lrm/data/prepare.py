@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from dina_lrm.data.buckets import aspect_ratio_buckets, nearest_bucket, resize_to_bucket
 from dina_lrm.data.images import vae_encode
-from dina_lrm.data.readers import DEFAULT_GROUPS_PER_UNIT, InvalidRow, WorkUnit, dataset_units
+from dina_lrm.data.readers import DEFAULT_GROUPS_PER_UNIT, InvalidRow, LabelRules, WorkUnit, dataset_units
 from dina_lrm.data.records import ImageSource, PreferenceGroup, ReadReport
 from dina_lrm.data.shards import PairRecord, shard_metadata, write_index, write_shard
 from dina_lrm.distributed import cpu_only
@@ -43,6 +43,9 @@ class PrepareConfig:
     model: str  # generator pipeline: local directory or hub id (its VAE, and text encoders when caching)
     images_root: str | None = None  # where relative image paths start (default: the dataset file's folder)
     split: str | None = None  # one split of a parquet dataset folder (Pick-a-Pic: train, validation_unique, ...)
+    soft_labels: bool = True  # HPDv3: HPSv3's soft label from choice_dist as the target (else 1)
+    min_confidence: float | None = None  # HPDv3: keep rows with confidence >= this (HPSv3 7B: 0.95)
+    min_vote_share: float | None = None  # HPDv3: keep rows whose chosen vote share is above this (the authors' tool: 0.6)
     reference_size: int | None = None  # bucket area = reference_size**2 (default: the backbone's native size)
     bucket_step: int | None = None
     batch_size: int = 16  # images per VAE call
@@ -190,7 +193,8 @@ def prepare(config: PrepareConfig, pipe=None, overwrite: bool = False) -> Path |
     if state.is_main_process:
         claim_output(out, "prepare", _settings(config), PREPARE_OUTPUTS, overwrite=overwrite, continues=True)
     state.wait_for_everyone()
-    units = dataset_units(config.format, config.input, config.images_root, config.groups_per_shard, config.split)
+    rules = LabelRules(config.soft_labels, config.min_confidence, config.min_vote_share)
+    units = dataset_units(config.format, config.input, config.images_root, config.groups_per_shard, config.split, rules)
     todo = pending_units(units, out, state)
     if todo:
         pipe = pipe if pipe is not None else load_pipeline(config.model, DTYPES[config.dtype]).to(state.device)

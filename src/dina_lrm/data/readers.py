@@ -43,6 +43,25 @@ class InvalidRow(ValueError):
     """A row that cannot become a preference group; its message is the reason counted in the report."""
 
 
+class BadProbability(ValueError):
+    """A label probability outside its range: an error in the dataset, named with its file and row."""
+
+
+@dataclass(frozen=True)
+class LabelRules:
+    """How HPDv3 rows become training targets, and which rows are kept (the same in prepare and eval).
+
+    ``soft_labels``: the target P(path1 preferred) is HPSv3's soft label, the majority share of
+    ``choice_dist`` (max / sum); otherwise 1 (``path1`` is the preferred image). ``min_confidence``:
+    keep rows whose ``confidence`` is at least this (HPSv3's 7B config: 0.95). ``min_vote_share``:
+    keep rows whose chosen image's vote share ``choice_dist[0] / sum`` is above this, or that have no
+    votes for it (the authors' data tool: 0.6)."""
+
+    soft_labels: bool = True
+    min_confidence: float | None = None
+    min_vote_share: float | None = None
+
+
 @dataclass
 class WorkUnit:
     """A deterministic slice of a dataset; ``read()`` returns its groups and what it saw."""
@@ -52,7 +71,7 @@ class WorkUnit:
     read: Callable[[], tuple[list[PreferenceGroup], ReadReport]]
 
 
-def _convert(rows, to_group: Callable[[dict, int], PreferenceGroup], start: int) -> tuple[list[PreferenceGroup], ReadReport]:
+def _convert(rows, to_group: Callable[[dict, int], PreferenceGroup], start: int, where: str) -> tuple[list[PreferenceGroup], ReadReport]:
     report, groups = ReadReport(), []
     for offset, row in enumerate(rows):
         report.rows += 1
@@ -63,6 +82,8 @@ def _convert(rows, to_group: Callable[[dict, int], PreferenceGroup], start: int)
         except InvalidRow as err:
             report.reject(str(err))
             continue
+        except BadProbability as err:
+            raise ValueError(f"{where}, row {start + offset}: {err}") from None
         report.add(group)
         groups.append(group)
     return groups, report
@@ -158,14 +179,15 @@ def _parquet_units(path: Path, split: str | None, to_group, columns: list[str], 
             rows = metadata.row_group(group).num_rows
 
             def read(file=file, group=group, start=start):
-                return _convert(read_row_group(file, group, columns).to_pylist(), to_group, start)
+                return _convert(read_row_group(file, group, columns).to_pylist(), to_group, start, str(file))
 
             units.append(WorkUnit(len(units), f"{file.name}:rg{group}", read))
             start += rows
     return units
 
 
-def pickapic_units(path: Path, images_root: Path | None = None, groups_per_unit: int = 0, split: str | None = None) -> list[WorkUnit]:
+def pickapic_units(path: Path, images_root: Path | None = None, groups_per_unit: int = 0, split: str | None = None,
+                   rules: LabelRules = LabelRules()) -> list[WorkUnit]:
     required = ["caption", "jpg_0", "jpg_1", "label_0", "label_1"]
     return _parquet_units(path, split, pickapic_group, PICKAPIC_COLUMNS, required, "Pick-a-Pic v2")
 
@@ -200,7 +222,8 @@ def genai_bench_group(row: dict, index: int) -> PreferenceGroup:
     )
 
 
-def genai_bench_units(path: Path, images_root: Path | None = None, groups_per_unit: int = 0, split: str | None = None) -> list[WorkUnit]:
+def genai_bench_units(path: Path, images_root: Path | None = None, groups_per_unit: int = 0, split: str | None = None,
+                      rules: LabelRules = LabelRules()) -> list[WorkUnit]:
     required = ["prompt", "left_image", "right_image", "vote_type"]
     return _parquet_units(path, split, genai_bench_group, GENAI_BENCH_COLUMNS, required, "GenAI-Bench image_generation")
 
@@ -208,15 +231,47 @@ def genai_bench_units(path: Path, images_root: Path | None = None, groups_per_un
 # JSON / JSONL / CSV formats -----------------------------------------------------------------
 
 
-def hpdv3_group(row: dict, index: int, root: Path) -> PreferenceGroup:
+def probability(value, name: str) -> float | None:
+    """``value`` as a probability in [0, 1]; None when absent; :class:`BadProbability` otherwise."""
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise BadProbability(f"{name} {value!r} is not a number") from None
+    if not 0.0 <= number <= 1.0:  # also refuses NaN
+        raise BadProbability(f"{name} {number:g} is outside [0, 1]")
+    return number
+
+
+def vote_counts(value) -> tuple[float, float] | None:
+    """HPDv3's ``choice_dist``: votes (or shares) for path1 and path2; None when absent."""
+    if value is None:
+        return None
+    try:
+        first, second = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise BadProbability(f"choice_dist {value!r} is not two vote counts") from None
+    if not (first >= 0 and second >= 0 and first + second > 0):
+        raise BadProbability(f"choice_dist {value!r} needs two non-negative counts with a positive sum")
+    return first, second
+
+
+def hpdv3_group(row: dict, index: int, root: Path, rules: LabelRules = LabelRules()) -> PreferenceGroup:
     prompt, path1, path2 = _required(row, "prompt", "path1", "path2")
-    confidence = row.get("confidence")
+    confidence = probability(row.get("confidence"), "confidence")
+    votes = vote_counts(row.get("choice_dist"))
+    if rules.min_confidence is not None and confidence is not None and confidence < rules.min_confidence:
+        raise InvalidRow(f"confidence below {rules.min_confidence:g}")
+    if rules.min_vote_share is not None and votes is not None and votes[0] > 0 and not votes[0] / sum(votes) > rules.min_vote_share:
+        raise InvalidRow(f"vote share of path1 not above {rules.min_vote_share:g}")
+    target = max(votes) / sum(votes) if rules.soft_labels and votes is not None else 1.0
     return PreferenceGroup(
         group_id=str(index),
         prompt=prompt,
         images=[_resolve(root, path1), _resolve(root, path2)],
         ranks=[0.0, 1.0],
-        confidence=float(confidence) if confidence is not None else None,
+        confidence=target,
         image_ids=[path1, path2],
         source=f"hpdv3:{row.get('model1', '')}-vs-{row.get('model2', '')}",
     )
@@ -264,13 +319,7 @@ def generic_group(row: dict, index: int, root: Path) -> PreferenceGroup:
     group_id = str(row.get("group_id") or row.get("id") or index)
     if row.get("chosen") is not None or row.get("rejected") is not None:
         prompt, chosen, rejected = _required(row, "prompt", "chosen", "rejected")
-        confidence = row.get("confidence")
-        try:
-            confidence = float(confidence) if confidence not in (None, "") else None
-        except ValueError:
-            raise InvalidRow("non-numeric confidence") from None
-        if confidence is not None and not 0.0 <= confidence <= 1.0:
-            raise InvalidRow("confidence outside [0, 1]")
+        confidence = probability(row.get("confidence"), "confidence")
         return PreferenceGroup(group_id, prompt, [_resolve(root, chosen), _resolve(root, rejected)], [0.0, 1.0],
                                confidence=confidence, image_ids=[str(chosen), str(rejected)], source="generic")
     prompt, images, ranks = _required(row, "prompt", "images", "ranks")
@@ -301,15 +350,17 @@ def _read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def _row_units(to_group: Callable[[dict, int, Path], PreferenceGroup]):
+def _row_units(to_group: Callable[..., PreferenceGroup], takes_rules: bool = False):
     def units(path: Path, images_root: Path | None = None, groups_per_unit: int = DEFAULT_GROUPS_PER_UNIT,
-              split: str | None = None) -> list[WorkUnit]:
+              split: str | None = None, rules: LabelRules = LabelRules()) -> list[WorkUnit]:
         if split is not None:
             raise ValueError(f"--split picks one split of a parquet dataset folder (pickapic, genai_bench); {path} is one file already")
         rows = _read_rows(path)
-        convert = functools.partial(to_group, root=Path(images_root) if images_root is not None else path.parent)
+        convert = functools.partial(to_group, root=Path(images_root) if images_root is not None else path.parent,
+                                    **({"rules": rules} if takes_rules else {}))
         return [
-            WorkUnit(n, f"{path.name}:{start}", lambda start=start: _convert(rows[start : start + groups_per_unit], convert, start))
+            WorkUnit(n, f"{path.name}:{start}",
+                     lambda start=start: _convert(rows[start : start + groups_per_unit], convert, start, str(path)))
             for n, start in enumerate(range(0, len(rows), groups_per_unit))
         ]
 
@@ -318,7 +369,7 @@ def _row_units(to_group: Callable[[dict, int, Path], PreferenceGroup]):
 
 FORMATS: dict[str, Callable[..., list[WorkUnit]]] = {
     "pickapic": pickapic_units,
-    "hpdv3": _row_units(hpdv3_group),
+    "hpdv3": _row_units(hpdv3_group, takes_rules=True),
     "imagereward": _row_units(imagereward_group),
     "hpdv2": _row_units(hpdv2_group),
     "genai_bench": genai_bench_units,
@@ -328,23 +379,24 @@ FORMATS: dict[str, Callable[..., list[WorkUnit]]] = {
 
 def dataset_units(
     fmt: str, path: str | Path, images_root: str | Path | None = None, groups_per_unit: int = DEFAULT_GROUPS_PER_UNIT,
-    split: str | None = None,
+    split: str | None = None, rules: LabelRules = LabelRules(),
 ) -> list[WorkUnit]:
-    """The work units of a dataset in format ``fmt`` (one of ``FORMATS``), of one ``split`` of a parquet folder."""
+    """The work units of a dataset in format ``fmt`` (one of ``FORMATS``), of one ``split`` of a parquet
+    folder, with HPDv3's label ``rules``."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown dataset format {fmt!r}; choose one of {sorted(FORMATS)}")
     if groups_per_unit < 1:
         raise ValueError(f"groups_per_unit must be >= 1, got {groups_per_unit}")
-    units = FORMATS[fmt](Path(path), Path(images_root) if images_root else None, groups_per_unit, split)
+    units = FORMATS[fmt](Path(path), Path(images_root) if images_root else None, groups_per_unit, split, rules)
     if not units:
         raise ValueError(f"dataset {path} holds no rows")
     return units
 
 
 def read_dataset(fmt: str, path: str | Path, images_root: str | Path | None = None,
-                 split: str | None = None) -> tuple[list[PreferenceGroup], ReadReport]:
+                 split: str | None = None, rules: LabelRules = LabelRules()) -> tuple[list[PreferenceGroup], ReadReport]:
     """All groups of a dataset at once (for small datasets and evaluation sets)."""
-    return read_units(dataset_units(fmt, path, images_root, split=split))
+    return read_units(dataset_units(fmt, path, images_root, split=split, rules=rules))
 
 
 def read_units(units: list[WorkUnit]) -> tuple[list[PreferenceGroup], ReadReport]:

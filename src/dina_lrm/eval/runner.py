@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from dina_lrm.config import from_dict, import_object
 from dina_lrm.data.prepare import PrepareConfig, open_image
-from dina_lrm.data.readers import dataset_units, read_units, unit_files
+from dina_lrm.data.readers import LabelRules, dataset_units, read_units, unit_files
 from dina_lrm.data.records import PreferenceGroup
 from dina_lrm.distributed import cpu_only
 from dina_lrm.eval.cost import MemoryMeter, scoring_flops
@@ -38,6 +38,8 @@ class EvalConfig:
     format: str = ""  # a reader of data/readers.py: hpdv2, imagereward, hpdv3, genai_bench, pickapic, generic
     input: str = ""
     split: str | None = None  # one split of a parquet dataset folder (e.g. Pick-a-Pic's test_unique)
+    min_confidence: float | None = None  # HPDv3: keep rows with confidence >= this (as prepare)
+    min_vote_share: float | None = None  # HPDv3: keep rows whose chosen vote share is above this (as prepare)
     out: str = "eval_out"
     reward: str | None = None  # DiNa-LRM reward model directory
     model: str | None = None  # its generator pipeline (local directory or hub id)
@@ -129,7 +131,8 @@ def without_images(groups: list[PreferenceGroup], bad: set[tuple[str, str]]) -> 
 
 
 def read_benchmark(config: EvalConfig, out: Path, state: PartialState) -> tuple[list[PreferenceGroup], Census]:
-    units = dataset_units(config.format, config.input, config.images_root, split=config.split)
+    rules = LabelRules(min_confidence=config.min_confidence, min_vote_share=config.min_vote_share)
+    units = dataset_units(config.format, config.input, config.images_root, split=config.split, rules=rules)
     groups, report = read_units(units)
     census = Census.of(groups, report)
     census.split, census.files = config.split, unit_files(units)
