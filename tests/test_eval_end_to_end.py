@@ -18,6 +18,7 @@ from PIL import Image
 from conftest import tiny_config
 from dina_lrm import DiNaLRM
 from dina_lrm.data.readers import read_dataset
+from dina_lrm.eval.official import official_accuracy
 from dina_lrm.eval.protocol import PairIndex
 from dina_lrm.eval.reward_fn import ImageRewardFn
 from dina_lrm.eval.runner import EvalConfig, evaluate
@@ -75,12 +76,14 @@ def test_eval_end_to_end(benchmark, reward_dir, pipeline_dir, tmp_path):
     pairs = PairIndex.of(groups)
     assert summary["benchmark"]["pairs"] == len(pairs) == settings["judge"]["pairs"]
     assert summary["benchmark"]["files"] == [benchmark.name] and summary["benchmark"]["split"] is None
+    assert settings["judge"]["official"] == {"metric": "HPSv2 inversion accuracy", "accuracy": 1.0}
     # accuracies recomputed independently from the per-image CSV
     samples = read_csv(out / "samples.csv")
     assert len(samples) == 18 and samples[0]["image_id"] == "images/0000_0.png"
     for name, entry in settings.items():
         scores = np.array([float(row[name]) for row in samples])
         assert pairs.wins(scores).mean() == pytest.approx(entry["accuracy"], abs=1e-6)
+        assert official_accuracy("hpdv2", groups, scores, None) == pytest.approx(entry["official"]["accuracy"], abs=1e-9)
         assert entry["ci"][0] <= entry["accuracy"] <= entry["ci"][1]
         assert entry["images_per_s"] > 0 and entry["peak_mib"] > 0
     assert settings["DiNa-LRM levels 0.2+0.5"]["gflops_per_image"] == pytest.approx(2 * settings["DiNa-LRM u=0.2"]["gflops_per_image"], rel=0.05)
@@ -110,6 +113,8 @@ def test_missing_images_refuse_unless_skipped(benchmark, reward_dir, pipeline_di
     with pytest.raises(FileNotFoundError, match="1 images of the benchmark are missing"):
         evaluate(config(copy / "test.json", reward_dir, pipeline_dir, tmp_path / "a"))
     assert "images/gone.png\tmissing" in (tmp_path / "a" / "missing_images.txt").read_text()
+    with pytest.raises(FileNotFoundError, match=r"Every image is missing: .* hpdv2 images usually live in the release's test/ folder"):
+        evaluate(config(copy / "test.json", reward_dir, pipeline_dir, tmp_path / "c", images_root=str(tmp_path / "nowhere")))
     summary = evaluate(config(copy / "test.json", reward_dir, pipeline_dir, tmp_path / "b", skip_missing=True, u_values=[0.3]))
     assert summary["benchmark"]["missing_images"] == 1
     assert summary["benchmark"]["images"] == 17
@@ -192,3 +197,20 @@ def test_cli_reads_yaml_flags_override_and_extra_rewards_join_the_table(benchmar
     assert main(["eval", "--config", str(yaml_config)]) == 2
     assert "did you mean 'format'" in capsys.readouterr().err
     assert main(["eval", "--format", "hpdv2", "--input", str(benchmark), "--extra-reward", "no_such_module_here:x", "--out", str(tmp_path / "x")]) != 0
+
+
+def test_pickapic_official_metric_scores_the_human_ties_too(tmp_path):
+    """A Pick-a-Pic file with one tie: ours leaves it out, PickScore's metric counts it."""
+    shades = {"dark": _png((40, 40, 40)), "mid": _png((120, 120, 120)), "light": _png((200, 200, 200))}
+    rows = {"caption": ["a", "b", "c"], "jpg_0": [shades["light"], shades["dark"], shades["mid"]],
+            "jpg_1": [shades["dark"], shades["light"], shades["mid"]], "label_0": [1.0, 1.0, 0.5], "label_1": [0.0, 0.0, 0.5]}
+    pq.write_table(pa.table(rows), tmp_path / "test_unique-00000-of-00001.parquet")
+    brightness = ImageRewardFn("brightness", lambda prompts, images: [float(np.asarray(i).mean()) / 255 for i in images])
+    summary = evaluate(EvalConfig(format="pickapic", input=str(tmp_path), split="test_unique", out=str(tmp_path / "out"),
+                                  bootstrap_resamples=20), reward_fns=[brightness])
+    entry = summary["settings"]["brightness"]
+    # ours: pair a right, pair b wrong (the darker image was preferred), the tie left out -> 1/2
+    assert entry["accuracy"] == 0.5 and entry["pairs"] == 2 and summary["benchmark"]["tied_groups_scored"] == 1
+    # PickScore: a right 1, b wrong 0, the tie: equal images, predicted tie at threshold 0 -> 1; mean 2/3
+    assert entry["official"] == {"metric": "PickScore tie-aware accuracy", "accuracy": pytest.approx(2 / 3)}
+    assert summary["benchmark"]["split"] == "test_unique" and "of split 'test_unique'" in (tmp_path / "out" / "report.md").read_text()

@@ -127,6 +127,7 @@ EVAL_FLAGS = {
     "latent_cache": "latent_cache", "u": "u_values", "draws": "draws", "levels": "level_sets", "extra_reward": "extra_rewards",
     "batch_size": "batch_size", "seed": "seed", "resamples": "bootstrap_resamples", "skip_missing": "skip_missing",
     "allow_outside_root": "allow_outside_root", "min_confidence": "min_confidence", "min_vote_share": "min_vote_share",
+    "protocol": "protocol", "tie_threshold": "tie_threshold",
     "device": "device", "dtype": "dtype", "max_sequence_length": "max_sequence_length", "reference_size": "reference_size",
 }
 
@@ -308,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--input", help="the benchmark's annotation file or parquet directory")
     evaluate.add_argument("--split", help="one split of a parquet dataset folder: test_unique (Pick-a-Pic, what PickScore reports), test_v1 (GenAI-Bench v1)")
     evaluate.add_argument("--images-root", help="where relative image paths start (default: the annotation file's folder)")
+    evaluate.add_argument("--protocol", choices=("both", "ours", "official"),
+                          help="accuracy columns: ours (one rule for every benchmark), official (the benchmark's own "
+                               "metric: HPSv2 inversion, ImageReward, PickScore, GenAI-Bench 4-way) or both (default)")
+    evaluate.add_argument("--tie-threshold", type=float, help="official Pick-a-Pic / GenAI-Bench metric: predict a tie when "
+                          "|P(a) - P(b)| <= this (PickScore picks it on validation_unique; default 0)")
     evaluate.add_argument("--min-confidence", type=float, help="HPDv3: keep rows with confidence >= this (as prepare)")
     evaluate.add_argument("--min-vote-share", type=float, help="HPDv3: keep rows whose chosen vote share is above this (as prepare)")
     evaluate.add_argument("--out", help="report directory (default eval_out)")

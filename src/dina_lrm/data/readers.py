@@ -219,6 +219,7 @@ def genai_bench_group(row: dict, index: int) -> PreferenceGroup:
         ranks=list(GENAI_BENCH_VOTES[vote]),
         image_ids=[f"{index}/left:{left}", f"{index}/right:{right}"],
         source=f"genai_bench:{left}-vs-{right}",
+        label=vote,
     )
 
 

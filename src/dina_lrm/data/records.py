@@ -26,6 +26,7 @@ class PreferenceGroup:
     confidence: float | None = None  # how sure the label is, in (0.5, 1]; None when the dataset gives none
     image_ids: list[str] = field(default_factory=list)  # stable names of the images (paths or uids)
     source: str = ""
+    label: str = ""  # the dataset's own label of the group where a metric needs it (GenAI-Bench's vote_type)
 
     def __post_init__(self):
         if len(self.images) != len(self.ranks):

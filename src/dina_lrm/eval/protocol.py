@@ -40,6 +40,7 @@ class Census:
     images_outside_root: int = 0  # read only with --allow-outside-root
     split: str | None = None  # the split read, for parquet dataset folders
     files: list = field(default_factory=list)  # the dataset files read
+    tied_groups_scored: int = 0  # all-tied pairs scored only for the benchmark's own metric (Pick-a-Pic, GenAI-Bench)
 
     @classmethod
     def of(cls, groups: list[PreferenceGroup], report: ReadReport) -> Census:

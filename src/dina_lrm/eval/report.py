@@ -109,6 +109,18 @@ def _cost(entry: dict) -> list[str]:
     return [f"{entry['images_per_s']:.1f}", f"{entry['peak_mib']:.0f}", flops]
 
 
+def _protocol_lines(summary: dict) -> list[str]:
+    """Which rule each accuracy column follows."""
+    lines = [f"Ours: {TIE_RULE}", ""]
+    official = next((e["official"]["metric"] for e in summary["settings"].values() if "official" in e), None)
+    if official:
+        threshold = summary["config"].get("tie_threshold", 0.0)
+        lines += [f"Official: {official}, as the benchmark's own evaluation code computes it (dina_lrm/eval/official.py"
+                  + (f"; predicted tie when |P(a) - P(b)| <= {threshold:g}" if summary["benchmark"]["format"] in ("pickapic", "genai_bench") else "")
+                  + f"; {summary['benchmark'].get('tied_groups_scored', 0)} all-tied pairs scored for it only).", ""]
+    return lines
+
+
 def report_markdown(summary: dict) -> str:
     bench = summary["benchmark"]
     lines = [
@@ -121,13 +133,17 @@ def report_markdown(summary: dict) -> str:
         f"({bench['groups_dropped_for_missing']} prompts dropped)."
         + (f" {bench['images_outside_root']} images read from outside the images root (--allow-outside-root)."
            if bench.get("images_outside_root") else ""), "",
-        f"Protocol: {TIE_RULE}", "",
-        "| setting | accuracy | 95% CI | pairs | prompts | latents (images)/s | peak MiB | GFLOPs/image |",
-        "|---|---|---|---|---|---|---|---|",
+        *_protocol_lines(summary),
     ]
+    protocol = summary["config"].get("protocol", "both")
+    official = next((e["official"]["metric"] for e in summary["settings"].values() if "official" in e), None)
+    ours = protocol != "official" or official is None
+    head = ["setting"] + (["accuracy (ours)", "95% CI", "pairs", "prompts"] if ours else []) + ([f"{official} (official)"] if official else [])
+    lines += ["| " + " | ".join(head + ["latents (images)/s", "peak MiB", "GFLOPs/image"]) + " |", "|" + "---|" * (len(head) + 3)]
     for name, s in summary["settings"].items():
-        lines.append(f"| {name} | {s['accuracy']:.4f} | [{s['ci'][0]:.4f}, {s['ci'][1]:.4f}] | {s['pairs']} | {s['prompts']} | "
-                     + " | ".join(_cost(s)) + " |")
+        cells = [name] + ([f"{s['accuracy']:.4f}", f"[{s['ci'][0]:.4f}, {s['ci'][1]:.4f}]", str(s["pairs"]), str(s["prompts"])] if ours else [])
+        cells += [f"{s['official']['accuracy']:.4f}"] if official else []
+        lines.append("| " + " | ".join(cells + _cost(s)) + " |")
     processes = next(iter(summary["settings"].values()))["processes"]
     lines += ["", f"Throughput and peak memory were measured on this run's machine ({processes} process(es); peak memory is "
               "the CUDA peak allocation on a GPU, the process's resident set on CPU). GFLOPs are analytic: backbone blocks, "

@@ -9,6 +9,7 @@ the ensembles (noise draws at the best u, and multi-level sets).
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,9 +29,19 @@ from dina_lrm.data.records import PreferenceGroup
 from dina_lrm.distributed import cpu_only
 from dina_lrm.eval.cost import MemoryMeter, scoring_flops
 from dina_lrm.eval.latent_cache import build_latent_cache, decode_latent, load_latent_cache
+from dina_lrm.eval.official import OFFICIAL_METRICS, official_accuracy
 from dina_lrm.eval.protocol import Census, PairIndex, accuracy_summary, calibration
 from dina_lrm.eval.reward_fn import DiNaRewardFn, RewardFn, Setting
 from dina_lrm.outputs import claim_output
+
+
+PROTOCOLS = ("both", "ours", "official")
+TIE_COUNTING_FORMATS = ("pickapic", "genai_bench")  # their own metrics score human ties too
+DOCUMENTED_ROOTS = {  # where each release keeps the images its annotation file names (docs/eval.md)
+    "hpdv2": "the release's test/ folder (--images-root HPDv2/test)",
+    "imagereward": "the test_images/ folder of ImageReward's data (--images-root ImageReward/data/test_images)",
+    "hpdv3": "the release's root, which holds images/ (--images-root HPDv3)",
+}
 
 
 @dataclass
@@ -40,6 +51,8 @@ class EvalConfig:
     split: str | None = None  # one split of a parquet dataset folder (e.g. Pick-a-Pic's test_unique)
     min_confidence: float | None = None  # HPDv3: keep rows with confidence >= this (as prepare)
     min_vote_share: float | None = None  # HPDv3: keep rows whose chosen vote share is above this (as prepare)
+    protocol: str = "both"  # ours, official (the benchmark's own metric, eval/official.py) or both
+    tie_threshold: float = 0.0  # official Pick-a-Pic / GenAI-Bench: predict a tie when |P(a) - P(b)| <= this
     out: str = "eval_out"
     reward: str | None = None  # DiNa-LRM reward model directory
     model: str | None = None  # its generator pipeline (local directory or hub id)
@@ -78,6 +91,10 @@ class EvalConfig:
             Setting(tuple(levels))
         if any(d < 2 for d in self.draws):
             raise ValueError(f"draw ensembles need >= 2 draws, got {self.draws}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {self.protocol!r}; choose one of {PROTOCOLS}")
+        if not 0 <= self.tie_threshold <= 1:
+            raise ValueError(f"tie_threshold must lie in [0, 1], got {self.tie_threshold}")
 
 
 # Benchmark input ------------------------------------------------------------------------------
@@ -117,15 +134,15 @@ def images_outside(groups: list[PreferenceGroup], root: Path) -> list[tuple[str,
             if not isinstance(source, bytes) and not Path(os.path.abspath(source)).is_relative_to(root)]
 
 
-def without_images(groups: list[PreferenceGroup], bad: set[tuple[str, str]]) -> list[PreferenceGroup]:
-    """``groups`` without the ``(group id, image id)`` images; a group left with no pair goes."""
+def without_images(groups: list[PreferenceGroup], bad: set[tuple[str, str]], keep=lambda group: bool(group.pairs())) -> list[PreferenceGroup]:
+    """``groups`` without the ``(group id, image id)`` images; a group that ``keep`` refuses then goes."""
     kept = []
     for group in groups:
         index = [i for i, image_id in enumerate(group.image_ids) if (group.group_id, image_id) not in bad]
         if len(index) < len(group.images):
             group = PreferenceGroup(group.group_id, group.prompt, [group.images[i] for i in index], [group.ranks[i] for i in index],
-                                    group.confidence, [group.image_ids[i] for i in index], group.source)
-        if group.pairs():
+                                    group.confidence, [group.image_ids[i] for i in index], group.source, group.label)
+        if keep(group):
             kept.append(group)
     return kept
 
@@ -139,7 +156,13 @@ def read_benchmark(config: EvalConfig, out: Path, state: PartialState) -> tuple[
     duplicated = len(groups) - len({g.group_id for g in groups})
     if duplicated:
         raise ValueError(f"{config.input}: {duplicated} prompt groups share an id; group ids must be unique")
-    groups = [g for g in groups if g.pairs()]
+    counts_ties = config.protocol != "ours" and config.format in TIE_COUNTING_FORMATS
+
+    def scored(group: PreferenceGroup) -> bool:
+        """A group with a comparable pair, or a human tie that the benchmark's own metric counts."""
+        return bool(group.pairs()) or (counts_ties and len(group.images) == 2)
+
+    groups = [g for g in groups if scored(g)]
     root = images_root(config)
     outside = images_outside(groups, root)
     census.images_outside_root = len(outside)
@@ -154,17 +177,22 @@ def read_benchmark(config: EvalConfig, out: Path, state: PartialState) -> tuple[
             listing.write_text("".join(f"{g}\t{i}\t{why}\n" for g, i, why in problems))
         if not config.skip_missing:
             shown = ", ".join(f"{i} ({why})" for _, i, why in problems[:5])
+            every = len(problems) == sum(not isinstance(image, bytes) for g in groups for image in g.images)
+            hint = (f" Every image is missing: is the images root right? {config.format} images usually live in "
+                    f"{DOCUMENTED_ROOTS[config.format]}." if every and config.format in DOCUMENTED_ROOTS else "")
             raise FileNotFoundError(
                 f"{len(problems)} images of the benchmark are missing or unreadable (e.g. {shown}); all are listed in "
-                f"{listing}. Fix --images-root, or pass --skip-missing to evaluate without them"
+                f"{listing}. Fix --images-root, or pass --skip-missing to evaluate without them.{hint}"
             )
-        kept = without_images(groups, {(g, i) for g, i, _ in problems})
+        kept = without_images(groups, {(g, i) for g, i, _ in problems}, keep=scored)
         census.missing_images, census.groups_dropped_for_missing = len(problems), len(groups) - len(kept)
         groups = kept
-    if not groups:
+    comparable = [g for g in groups if g.pairs()]
+    if not comparable:
         raise ValueError(f"{config.input} holds no comparable pair (census: {asdict(census)})")
-    census.prompts, census.images = len(groups), sum(len(g.images) for g in groups)
-    census.pairs = sum(len(g.pairs()) for g in groups)
+    census.prompts, census.images = len(comparable), sum(len(g.images) for g in comparable)
+    census.pairs = sum(len(g.pairs()) for g in comparable)
+    census.tied_groups_scored = len(groups) - len(comparable)
     return groups, census
 
 
@@ -324,6 +352,9 @@ def evaluate(config: EvalConfig, reward_fns: list | None = None, pipe=None, over
         if isinstance(fn, DiNaRewardFn):
             entry.update(levels=list(fn.setting.levels), draws=fn.setting.draws,
                          gflops_per_image=_mean_flops(fn, groups, latents) / 1e9)
+        if config.protocol != "ours" and config.format in OFFICIAL_METRICS:
+            official = official_accuracy(config.format, groups, results[fn.name]["scores"], _pair_probability(fn), config.tie_threshold)
+            entry["official"] = {"metric": OFFICIAL_METRICS[config.format], "accuracy": official}
         settings[fn.name] = entry
     summary = {
         "benchmark": {"format": config.format, "input": config.input, **asdict(census)},
@@ -334,6 +365,14 @@ def evaluate(config: EvalConfig, reward_fns: list | None = None, pipe=None, over
     }
     write_outputs(out, summary, groups, pairs, {name: r["scores"] for name, r in results.items()})
     return summary
+
+
+def _pair_probability(fn: RewardFn):
+    """P(a preferred over b) from two scores: a single-level DiNa-LRM's own loss link; otherwise the
+    logistic link of the score difference (PickScore's softmax over two images)."""
+    if isinstance(fn, DiNaRewardFn) and len(fn.setting.levels) == 1:
+        return lambda a, b: float(fn.preference_probability(torch.tensor([a]), torch.tensor([b]))[0])
+    return lambda a, b: 1.0 / (1.0 + math.exp(b - a))
 
 
 def _cached_latents(groups, config: EvalConfig, out: Path, pipe) -> dict:
