@@ -214,3 +214,32 @@ def test_pickapic_official_metric_scores_the_human_ties_too(tmp_path):
     # PickScore: a right 1, b wrong 0, the tie: equal images, predicted tie at threshold 0 -> 1; mean 2/3
     assert entry["official"] == {"metric": "PickScore tie-aware accuracy", "accuracy": pytest.approx(2 / 3)}
     assert summary["benchmark"]["split"] == "test_unique" and "of split 'test_unique'" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_imagereward_and_genai_bench_official_metrics_in_their_layouts(tmp_path):
+    brightness = ImageRewardFn("brightness", lambda prompts, images: [float(np.asarray(i).mean()) / 255 for i in images])
+    for name, level in (("dark", 40), ("mid", 120), ("light", 200)):
+        (tmp_path / f"{name}.png").write_bytes(_png((level, level, level)))
+    # ImageReward test.json: brightness agrees with (light, mid, dark) = ranks (1, 2, 3) on all 3 pairs of prompt 0;
+    # prompt 1 ranks two equally bright images differently: a model tie, wrong officially, half right in ours
+    (tmp_path / "test.json").write_text(json.dumps([
+        {"id": "0", "prompt": "p", "generations": ["light.png", "mid.png", "dark.png"], "ranking": [1, 2, 3]},
+        {"id": "1", "prompt": "q", "generations": ["mid.png", "mid.png"], "ranking": [1, 2]},
+    ]))
+    summary = evaluate(EvalConfig(format="imagereward", input=str(tmp_path / "test.json"), out=str(tmp_path / "ir"),
+                                  bootstrap_resamples=20), reward_fns=[brightness])
+    entry = summary["settings"]["brightness"]
+    assert entry["accuracy"] == pytest.approx(3.5 / 4) and entry["official"]["accuracy"] == pytest.approx(3 / 4)
+    # GenAI-Bench: leftvote (light vs dark) right; rightvote (light vs dark) wrong; tievote on equal images right;
+    # bothbad_vote never matched -> 2 of 4
+    light, dark, mid = ({"bytes": (tmp_path / f"{n}.png").read_bytes(), "path": None} for n in ("light", "dark", "mid"))
+    rows = [{"prompt": "a", "left_image": light, "right_image": dark, "vote_type": "leftvote"},
+            {"prompt": "b", "left_image": light, "right_image": dark, "vote_type": "rightvote"},
+            {"prompt": "c", "left_image": mid, "right_image": mid, "vote_type": "tievote"},
+            {"prompt": "d", "left_image": mid, "right_image": mid, "vote_type": "bothbad_vote"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "test-00000-of-00001.parquet")
+    summary = evaluate(EvalConfig(format="genai_bench", input=str(tmp_path / "test-00000-of-00001.parquet"), out=str(tmp_path / "gb"),
+                                  bootstrap_resamples=20), reward_fns=[brightness])
+    entry = summary["settings"]["brightness"]
+    assert entry["accuracy"] == 0.5 and entry["official"] == {"metric": "GenAI-Bench 4-way accuracy", "accuracy": 0.5}
+    assert summary["benchmark"]["tied_groups_scored"] == 2
