@@ -70,3 +70,17 @@ def prompt_file(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("\n".join(ALIGN_PROMPTS) + "\n")
     return path
+
+
+def reset_accelerate() -> None:
+    """Each Trainer builds its own Accelerator; accelerate keeps process-wide state between them."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    yield
+    reset_accelerate()

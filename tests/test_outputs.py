@@ -6,11 +6,11 @@ import json
 import shutil
 
 import pytest
-from accelerate.state import AcceleratorState, GradientState
 from test_align import make_config
 from test_data_prepare import generic_jsonl  # noqa: F401 (a fixture)
 from test_eval_end_to_end import benchmark, config  # noqa: F401 (a fixture)
 from test_eval_end_to_end import reward_dir as eval_reward_dir  # noqa: F401 (a fixture)
+from conftest import reset_accelerate
 from test_train import metrics, raw_config, separable_pairs
 
 from dina_lrm.align.trainer import Aligner
@@ -23,16 +23,7 @@ from dina_lrm.outputs import OutputExists, claim_output
 from dina_lrm.train.trainer import train
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-def reset_accelerate():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def test_prepare_refuses_other_settings_continues_the_same_and_overwrites_cleanly(generic_jsonl, tmp_path, pipe):  # noqa: F811

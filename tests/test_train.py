@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from accelerate.state import AcceleratorState, GradientState
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, reset_accelerate
 from safetensors.torch import load_file
 
 from dina_lrm.config import ConfigError, DiNaConfig, load_config
@@ -19,12 +18,7 @@ from dina_lrm.scorer import load_pipeline
 from dina_lrm.train.trainer import METRICS_NAME, TRAINABLE_NAME, Trainer, latest_checkpoint, train
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each Trainer builds its own Accelerator; accelerate keeps process-wide state between them."""
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def separable_pairs(directory, count, seed=0, embeds=False):
@@ -102,8 +96,7 @@ def test_resume_from_the_half_way_checkpoint_ends_where_the_uninterrupted_run_en
     resumed = DiNaConfig.from_dict(raw_config(tmp_path, pipeline_dir, train_dir, training=training, paths={"run_name": "resumed"}))
     halfway = whole.paths.run_dir / "checkpoints" / "step-0000004"
     shutil.copytree(halfway, resumed.paths.run_dir / "checkpoints" / halfway.name)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     train(resumed, resume="latest")
 
     end_whole = load_file(str(whole.paths.run_dir / "checkpoints" / "step-0000008" / TRAINABLE_NAME))
@@ -122,9 +115,9 @@ def test_resume_refuses_another_configuration_and_a_missing_checkpoint(tmp_path,
     raw = raw_config(tmp_path, pipeline_dir, train_dir, training={"max_steps": 4})
     with pytest.raises(FileNotFoundError, match="no checkpoint under"):
         train(DiNaConfig.from_dict(raw), resume="latest")
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
     train(DiNaConfig.from_dict(raw))
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
     raw["training"]["learning_rate"] = 1e-4
     raw["model"]["lora_config"] = {"r": 8, "lora_alpha": 8}
     with pytest.raises(ValueError, match=r"another configuration \(model.lora_config.r: 4 -> 8; training.learning_rate"):

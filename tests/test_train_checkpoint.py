@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
+from conftest import reset_accelerate
 from test_train import metrics, raw_config, separable_pairs
 
 from dina_lrm.config import DiNaConfig
@@ -24,16 +24,7 @@ from dina_lrm.train.checkpoint import CheckpointError, load_state, save_state, v
 from dina_lrm.train.trainer import TRAINABLE_NAME, latest_checkpoint, train
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-def reset_accelerate():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def test_a_state_round_trips_through_safetensors_and_json(tmp_path):

@@ -247,6 +247,13 @@ def run_pretrain(args) -> int:
     return 0
 
 
+def add_row_filters(parser: argparse.ArgumentParser) -> None:
+    """HPDv3's row filters, the same for prepare and eval."""
+    parser.add_argument("--min-confidence", type=float, help="HPDv3: keep rows with confidence >= this (HPSv3's 7B config: 0.95)")
+    parser.add_argument("--min-vote-share", type=float, help="HPDv3: keep rows whose chosen image's vote share is above this "
+                        "(the authors' data tool: 0.6)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dina-lrm", description="Diffusion-native latent reward models.")
     parser.add_argument("--version", action="version", version=f"dina-lrm {dina_lrm.__version__}")
@@ -282,9 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--split", help="one split of a parquet dataset folder, e.g. train or validation_unique (Pick-a-Pic)")
     prepare.add_argument("--hard-labels", dest="soft_labels", action="store_false", default=None,
                          help="HPDv3: target 1 for path1 instead of HPSv3's soft label from choice_dist")
-    prepare.add_argument("--min-confidence", type=float, help="HPDv3: keep rows with confidence >= this (HPSv3's 7B config: 0.95)")
-    prepare.add_argument("--min-vote-share", type=float, help="HPDv3: keep rows whose chosen image's vote share is above this "
-                         "(the authors' data tool: 0.6)")
+    add_row_filters(prepare)
     prepare.add_argument("--reference-size", type=int, help="bucket area = SIZE^2 pixels (default: the generator's native size)")
     prepare.add_argument("--bucket-step", type=int, help="bucket side step in pixels (default: 4 x VAE factor x patch size)")
     prepare.add_argument("--batch-size", type=int, help="images per VAE call (default 16)")
@@ -314,8 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "metric: HPSv2 inversion, ImageReward, PickScore, GenAI-Bench 4-way) or both (default)")
     evaluate.add_argument("--tie-threshold", type=float, help="official Pick-a-Pic / GenAI-Bench metric: predict a tie when "
                           "|P(a) - P(b)| <= this (PickScore picks it on validation_unique; default 0)")
-    evaluate.add_argument("--min-confidence", type=float, help="HPDv3: keep rows with confidence >= this (as prepare)")
-    evaluate.add_argument("--min-vote-share", type=float, help="HPDv3: keep rows whose chosen vote share is above this (as prepare)")
+    add_row_filters(evaluate)
     evaluate.add_argument("--out", help="report directory (default eval_out)")
     evaluate.add_argument("--reward", help="DiNa-LRM reward model directory")
     evaluate.add_argument("--model", help="the reward model's generator pipeline: local directory or hub id")
