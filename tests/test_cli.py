@@ -129,3 +129,26 @@ def test_pairs_paths_start_at_images_root(setup, capsys):
     assert "image not found: " + str(tmp / "lists" / "img0.png") in capsys.readouterr().err
     assert main([*base, "--images-root", str(tmp)]) == 0
     assert [row["image"] for row in json.loads(capsys.readouterr().out)["scores"]] == [str(p.resolve()) for p in images]
+
+
+def test_toy_scoring_works_out_of_the_box_and_equals_the_api():
+    """`dina-lrm score --toy` on the shipped examples: the shipped reward on the shipped generator."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from dina_lrm import Scorer
+    from dina_lrm.toyworld.demo import SHIPPED_GENERATOR, SHIPPED_REWARD
+
+    examples = sorted(str(p) for p in (Path(SHIPPED_REWARD).parent / "examples").glob("*.png"))
+    assert len(examples) == 2
+    result = subprocess.run([sys.executable, "-m", "dina_lrm", "score", "--toy", "--u", "0.4", "--json", "--prompt", "two red circles", *examples],
+                            capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "torchvision" not in result.stderr  # transformers' notice is silenced
+    raw = [row["raw"] for row in json.loads(result.stdout)["scores"]]
+    expected = Scorer.from_pretrained(SHIPPED_REWARD, SHIPPED_GENERATOR).score(["two red circles"] * 2, images=examples, u=0.4, seed=0).raw
+    torch.testing.assert_close(torch.tensor(raw), expected, atol=1e-5, rtol=0)
+    assert main(["score", "--toy", "--reward", "x", "--prompt", "p", examples[0]]) == 2

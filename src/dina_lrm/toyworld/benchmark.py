@@ -45,16 +45,16 @@ def write_toy_benchmark(out: str | Path, prompts: int = 40, images_per_prompt: i
     return path
 
 
-def write_examples(out: str | Path, prompt: str = "two red circles", seed: int = 0) -> list[Path]:
-    """Two images for trying a toy reward model: a clean render of ``prompt`` and a scene with the wrong
-    object count (the shipped ``toyworld/examples/``: ``write_examples("src/dina_lrm/toyworld/examples")``)."""
+def write_examples(out: str | Path, prompt: str = "two red circles", kind: str = "colour", seed: int = 0) -> list[Path]:
+    """Two images for trying a toy reward model: a clean render of ``prompt`` and the scene with one
+    clause broken (``kind``; the shipped ``toyworld/examples/``: ``write_examples("src/dina_lrm/toyworld/examples")``)."""
     spec, rng = parse_prompt(prompt), np.random.default_rng(seed)
     scene = scene_for(spec, rng)
-    wrong = next(w for w in (corrupt_scene(spec, scene, "count", rng) for _ in range(100)) if w is not None)  # placement can fail
+    wrong = next(w for w in (corrupt_scene(spec, scene, kind, rng) for _ in range(100)) if w is not None)  # placement can fail
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stem = prompt.replace(" ", "_")
-    paths = [out / f"{stem}.png", out / f"{stem}_wrong_count.png"]
+    paths = [out / f"{stem}.png", out / f"{stem}_wrong_{kind}.png"]
     for path, image in zip(paths, (render(scene), render(wrong))):
         Image.fromarray(image).save(path)
     return paths
