@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import selectors
 import socket
 import subprocess
 import sys
@@ -128,20 +129,31 @@ def load_test(url: str, items: list[dict], clients: int, requests: int, seconds:
 
 
 def stalled_run(url: str, items: list[dict], stalled: int, normal_requests: int = 40) -> dict:
-    """``stalled`` connections that never send a byte, and one normal client scoring meanwhile."""
+    """``stalled`` connections that never send a byte, and one normal client scoring meanwhile; a
+    watcher thread notes when the server closes each stalled connection."""
     address = url.removeprefix("http://").split(":")
     connections = [socket.create_connection((address[0], int(address[1]))) for _ in range(stalled)]
-    opened = time.perf_counter()
+    opened, closed_after = time.perf_counter(), []
+
+    def watch():
+        with selectors.DefaultSelector() as selector:
+            for connection in connections:
+                selector.register(connection, selectors.EVENT_READ)
+            while len(closed_after) < stalled and time.perf_counter() - opened < 120:
+                for key, _ in selector.select(timeout=1.0):
+                    if key.fileobj.recv(1) == b"":
+                        closed_after.append(time.perf_counter() - opened)
+                        selector.unregister(key.fileobj)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     client, latencies = RewardClient(url), []
     for n in range(normal_requests):
         sent = time.perf_counter()
         client.score(**items[n % len(items)])
         latencies.append(time.perf_counter() - sent)
-    closed_after = []
+    watcher.join()
     for connection in connections:
-        connection.settimeout(120)
-        if connection.recv(1) == b"":
-            closed_after.append(time.perf_counter() - opened)
         connection.close()
     milliseconds = np.array(latencies) * 1000
     return {"stalled": stalled, "closed": len(closed_after), "last_closed_s": max(closed_after, default=float("nan")),
