@@ -56,6 +56,19 @@ def test_pretrain_is_deterministic_and_loadable(tmp_path):
     assert record["config"]["generator_steps"] == 2 and record["generator_final_loss"] > 0
 
 
+def test_pretraining_continues_from_a_saved_generator(tmp_path):
+    """``generator_from``: the saved pipeline is the starting point; its VAE is kept, the transformer trains on."""
+    config = PretrainConfig(vae_steps=2, dataset_size=64, generator_steps=2, warmup_steps=1, generator=SMALL)
+    start = pretrain(tmp_path / "start", config)
+    continued = pretrain(tmp_path / "continued", PretrainConfig(dataset_size=64, generator_steps=2, warmup_steps=1, generator=SMALL,
+                                                                generator_from=str(tmp_path / "start"), seed=1))
+    torch.testing.assert_close(continued.vae.decoder.conv_out.weight, start.vae.decoder.conv_out.weight, rtol=0, atol=0)
+    assert continued.vae.config.scaling_factor == start.vae.config.scaling_factor
+    moved = [name for name, value in continued.transformer.state_dict().items() if not torch.equal(value, start.transformer.state_dict()[name])]
+    assert moved  # it trained on from the saved weights
+    assert json.loads((tmp_path / "continued" / "pretrain.json").read_text())["config"]["generator_from"] == str(tmp_path / "start")
+
+
 def test_pretrain_command(tmp_path):
     out = tmp_path / "generator"
     assert main(["toyworld", "pretrain", "--out", str(out), "--vae-steps", "1", "--generator-steps", "1",
