@@ -48,7 +48,7 @@ class RewardHeadConfig:
 @dataclass
 class ModelConfig:
     model_type: str = "thurstone"  # the preference loss the reward model is trained with
-    backbone: str = "sd3"
+    backbone: str = ""  # sd3, flux; empty: picked from the transformer's class (models/backbones.py)
     backbone_model_id: str = "stabilityai/stable-diffusion-3.5-medium"
     num_transformer_layers: int = 12
     freeze_backbone: bool = False

@@ -13,8 +13,9 @@ from diffusers import DiffusionPipeline
 
 from dina_lrm.config import DTYPE_NAMES
 from dina_lrm.data.images import center_crop_to_multiple, load_images, vae_encode
+from dina_lrm.models.backbones import prompt_encoder_for
+from dina_lrm.models.prompt_cache import CachedPromptEncoder
 from dina_lrm.models.reward_model import DiNaLRM
-from dina_lrm.models.sd3_text import SD3PromptEncoder
 from dina_lrm.losses import pair_probability, thurstone_variance
 from dina_lrm.noise import SigmaTable, add_noise
 
@@ -47,7 +48,7 @@ class Scorer:
     and every level and draw runs through the backbone as one batch.
     """
 
-    def __init__(self, model: DiNaLRM, prompt_encoder: SD3PromptEncoder, sigma_table: SigmaTable, vae=None):
+    def __init__(self, model: DiNaLRM, prompt_encoder: CachedPromptEncoder, sigma_table: SigmaTable, vae=None):
         self.model = model.eval()
         self.prompt_encoder = prompt_encoder
         self.sigma_table = sigma_table
@@ -58,7 +59,7 @@ class Scorer:
         """A scorer around an in-memory model, with ``pipe``'s text encoders, VAE and sigma table.
         ``max_sequence_length``: T5 tokens; by default the number the model was trained with."""
         length = text_length(model, max_sequence_length)
-        encoder = SD3PromptEncoder.from_pipeline(pipe, max_sequence_length=length)
+        encoder = prompt_encoder_for(pipe.transformer).from_pipeline(pipe, max_sequence_length=length)
         return cls(model, encoder, SigmaTable.from_scheduler(pipe.scheduler), vae=pipe.vae)
 
     @classmethod

@@ -30,6 +30,7 @@ from dina_lrm.data.readers import DEFAULT_GROUPS_PER_UNIT, InvalidRow, LabelRule
 from dina_lrm.data.records import ImageSource, PreferenceGroup, ReadReport
 from dina_lrm.data.shards import PairRecord, shard_metadata, write_index, write_shard
 from dina_lrm.distributed import cpu_only
+from dina_lrm.models.backbones import latent_patch_size, prompt_encoder_for
 from dina_lrm.outputs import claim_output
 
 logger = logging.getLogger(__name__)
@@ -73,17 +74,15 @@ class LatentEncoder:
 
     def __init__(self, pipe, config: PrepareConfig):
         self.vae = pipe.vae
-        self.patch_size = pipe.transformer.config.patch_size
+        self.patch_size = latent_patch_size(pipe.transformer)
         scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         multiple = scale * self.patch_size
-        reference = config.reference_size or pipe.transformer.config.sample_size * scale
+        reference = config.reference_size or pipe.default_sample_size * scale  # the native size (SD3: 1024 for 3.5-M; FLUX: 1024)
         self.buckets = aspect_ratio_buckets(reference, multiple, config.bucket_step)
         self.batch_size = config.batch_size
         self.prompt_encoder = None
         if config.cache_prompt_embeds:
-            from dina_lrm.models.sd3_text import SD3PromptEncoder
-
-            self.prompt_encoder = SD3PromptEncoder.from_pipeline(pipe, max_sequence_length=config.max_sequence_length)
+            self.prompt_encoder = prompt_encoder_for(pipe.transformer).from_pipeline(pipe, max_sequence_length=config.max_sequence_length)
 
     @torch.no_grad()
     def encode_groups(self, groups: list[PreferenceGroup], report: ReadReport) -> list[tuple[PreferenceGroup, list[np.ndarray]]]:

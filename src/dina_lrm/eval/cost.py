@@ -35,11 +35,12 @@ def backbone_flops(model: DiNaLRM, image_tokens: int, text_tokens: int) -> int:
             return text_tokens
         return image_tokens
 
-    flops = _linear_flops(model.backbone, tokens_for)
-    flops += 2 * image_tokens * backbone.latent_channels * patch * patch * width  # patch embedding
+    flops = _linear_flops(model.backbone, tokens_for)  # FLUX's patch embedding (x_embedder) is a Linear, counted here
+    if isinstance(getattr(getattr(backbone, "pos_embed", None), "proj", None), nn.Conv2d):
+        flops += 2 * image_tokens * backbone.latent_channels * patch * patch * width  # SD3's convolutional patch embedding
     for block in backbone.transformer_blocks:
         flops += 4 * (image_tokens + text_tokens) ** 2 * width  # joint attention: QK^T and AV
-        if block.attn2 is not None:
+        if getattr(block, "attn2", None) is not None:
             flops += 4 * image_tokens**2 * width
     return flops
 

@@ -1,9 +1,10 @@
 """The backbone interface: features and temb from latents, text embeddings and timesteps.
 
 A backbone keeps the patch/text/time embeddings and the first N blocks of a generator's own
-transformer and returns the token streams after the tapped blocks. Adding FLUX or another
-MMDiT means one new file with a class that follows :class:`Backbone` and one line in
-``BACKBONES``.
+transformer and returns the token streams after the tapped blocks. Every backbone takes the SD3
+call: unpacked VAE latents (B, C, h, w), the pipeline's text embeddings and timesteps on the
+scheduler's 0-1000 scale, and applies its own conventions inside. Adding one means one new file
+with a class that follows :class:`Backbone` and one entry in ``models/backbones.py``.
 """
 
 from __future__ import annotations
@@ -51,13 +52,9 @@ class Backbone(Protocol):
         cls, transformer: nn.Module, num_layers: int, visual_taps: list[int], text_taps: list[int]
     ) -> Backbone: ...
 
+    @staticmethod
+    def latent_patch_size(config) -> int:
+        """Latent sides must be multiples of this (from the transformer's config)."""
+        ...
+
     def lora_target_modules(self, exclude_last_text_stream: bool) -> tuple[list[str], list[str]]: ...
-
-
-def backbone_class(name: str) -> type:
-    from dina_lrm.models.sd3 import SD3Backbone
-
-    backbones = {"sd3": SD3Backbone}
-    if name not in backbones:
-        raise ValueError(f"unknown backbone {name!r}; available: {sorted(backbones)}")
-    return backbones[name]

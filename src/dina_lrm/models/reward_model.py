@@ -10,7 +10,8 @@ from torch import nn
 
 from dina_lrm.config import DiNaConfig, ModelConfig, load_config
 from dina_lrm.models import checkpoint as ckpt
-from dina_lrm.models.backbone import BackboneOutput, backbone_class
+from dina_lrm.models.backbone import BackboneOutput
+from dina_lrm.models.backbones import backbone_for, backbone_name
 from dina_lrm.models.lora import add_lora, load_lora_weights
 from dina_lrm.models.reward_head import RewardHead
 
@@ -19,8 +20,9 @@ class DiNaLRM(nn.Module):
     """Scores noisy latents: ``forward(latents, encoder_hidden_states, pooled_projections, timesteps)``
     returns raw scores (B, 1).
 
-    ``transformer`` is the generator's transformer (diffusers ``SD3Transformer2DModel`` for the
-    ``sd3`` backbone); its first ``model.num_transformer_layers`` blocks are shared, not copied.
+    ``transformer`` is the generator's transformer (diffusers ``SD3Transformer2DModel`` or
+    ``FluxTransformer2DModel``; ``models/backbones.py`` picks the backbone from its class); its first
+    ``model.num_transformer_layers`` blocks are shared, not copied.
     """
 
     def __init__(self, config: DiNaConfig | ModelConfig, transformer: nn.Module):
@@ -33,9 +35,10 @@ class DiNaLRM(nn.Module):
                 "this transformer already carries LoRA layers (another DiNaLRM shares its blocks); "
                 "pass a fresh transformer, e.g. copy.deepcopy(pipe.transformer) or a new from_pretrained"
             )
-        backbone = backbone_class(model_cfg.backbone).from_transformer(
+        backbone = backbone_for(transformer, model_cfg.backbone, model_cfg.backbone_model_id).from_transformer(
             transformer, model_cfg.num_transformer_layers, model_cfg.visual_taps, model_cfg.text_taps
         )
+        self.backbone_name = backbone_name(transformer)  # sd3, flux: the registry's name
         if model_cfg.backbone_mode == "lora":
             text_taps = model_cfg.text_taps
             exclude = not text_taps or text_taps[-1] != model_cfg.num_transformer_layers

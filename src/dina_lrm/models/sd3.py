@@ -50,6 +50,10 @@ class SD3Backbone(nn.Module):
     def from_transformer(cls, transformer, num_layers, visual_taps, text_taps) -> SD3Backbone:
         return cls(transformer, num_layers, visual_taps, text_taps)
 
+    @staticmethod
+    def latent_patch_size(config) -> int:
+        return config.patch_size
+
     def lora_target_modules(self, exclude_last_text_stream: bool) -> tuple[list[str], list[str]]:
         """LoRA targets and exclusions. The last kept block's text-stream projections get no LoRA
         when its text output is not tapped (their output never reaches the head)."""

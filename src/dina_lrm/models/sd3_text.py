@@ -3,23 +3,17 @@ T5-XXL tokens after them; pooled = both CLIP pooled outputs concatenated."""
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-
 import torch
 from torch import nn
+
+from dina_lrm.models.prompt_cache import CachedPromptEncoder
 
 CLIP_MAX_LENGTH = 77  # as diffusers' SD3 pipeline: the CLIP tokenizer's model_max_length, else 77
 
 
-class SD3PromptEncoder:
-    """Encodes prompts with a generator's three text encoders, each distinct prompt once.
-
-    Within a call, repeated prompts are encoded once; across calls an LRU cache of
-    ``cache_size`` prompts keeps recent embeddings (on the encoders' device). Safe to call from
-    several threads at once (an RL trainer's reward thread pool): the cache is guarded by a lock,
-    and each call keeps its own embeddings, whatever other calls evict meanwhile.
-    """
+class SD3PromptEncoder(CachedPromptEncoder):
+    """Encodes prompts with a generator's three text encoders, each distinct prompt once, with an LRU
+    cache of ``cache_size`` prompts (on the encoders' device; see ``prompt_cache.py``)."""
 
     def __init__(
         self,
@@ -29,6 +23,7 @@ class SD3PromptEncoder:
         joint_attention_dim: int | None = None,
         cache_size: int = 1024,
     ):
+        super().__init__(cache_size)
         if len(tokenizers) != 3 or len(text_encoders) != 3 or text_encoders[0] is None or text_encoders[1] is None:
             raise ValueError("SD3 text conditioning needs CLIP-L, CLIP-G and (optionally) T5 tokenizers and encoders")
         self.tokenizers = tokenizers
@@ -41,9 +36,6 @@ class SD3PromptEncoder:
         self.t5_width = t5.config.d_model if t5 is not None else joint_attention_dim
         if self.t5_width is None:
             raise ValueError("without a T5 encoder, pass joint_attention_dim (the transformer's text width)")
-        self.cache_size = cache_size
-        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._lock = threading.Lock()
 
     @classmethod
     def from_pipeline(cls, pipe, max_sequence_length: int = 128, cache_size: int = 1024) -> SD3PromptEncoder:
@@ -91,26 +83,3 @@ class SD3PromptEncoder:
         t5 = self._t5(prompts, clip.dtype)
         clip = nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return torch.cat([clip, t5.to(clip.dtype)], dim=-2), torch.cat([pooled_l, pooled_g], dim=-1)
-
-    def __call__(self, prompts: list[str] | str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(encoder_hidden_states (B, CLIP tokens + T5 tokens, T5 width), pooled_projections (B, pooled width))."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not all(isinstance(p, str) for p in prompts):
-            raise TypeError("prompts must be strings")
-        distinct = list(dict.fromkeys(prompts))
-        with self._lock:
-            found = {p: self._cache[p] for p in distinct if p in self._cache}
-            for prompt in found:
-                self._cache.move_to_end(prompt)
-        new = [p for p in distinct if p not in found]
-        if new:
-            with torch.no_grad():
-                states, pooled = self.encode(new)
-            encoded = {prompt: (states[i], pooled[i]) for i, prompt in enumerate(new)}
-            found.update(encoded)
-            with self._lock:
-                self._cache.update(encoded)
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
-        entries = [found[p] for p in prompts]
-        return torch.stack([e[0] for e in entries]), torch.stack([e[1] for e in entries])

@@ -170,6 +170,7 @@ class RewardService:
             "device": str(model.device),
             "dtype": str(model.dtype).removeprefix("torch."),
             "model_config": model.config.to_dict(),
+            "backbone": model.backbone_name,
             "inputs": {
                 "latent_channels": backbone.latent_channels,
                 "patch_size": backbone.patch_size,

@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from dina_lrm.data.shards import PairTable
-from dina_lrm.models.sd3_text import SD3PromptEncoder
+from dina_lrm.models.prompt_cache import CachedPromptEncoder
 from dina_lrm.train.step import PreferenceBatch, StepOutput
 
 StepFn = Callable[[PreferenceBatch, torch.Generator], StepOutput]
@@ -38,7 +38,7 @@ class FitConfig:
 class PairBatches:
     """Shuffled batches of a ``PairTable``, with the prompts' text embeddings computed once."""
 
-    def __init__(self, pairs: PairTable, prompt_encoder: SD3PromptEncoder, batch_size: int, seed: int):
+    def __init__(self, pairs: PairTable, prompt_encoder: CachedPromptEncoder, batch_size: int, seed: int):
         if len(pairs) == 0:
             raise ValueError("no preference pairs to train on")
         self.pairs = pairs

@@ -35,6 +35,7 @@ from dina_lrm.config import DiNaConfig, config_differences, flatten_config
 from dina_lrm.data.loader import pair_loader
 from dina_lrm.distributed import cpu_only
 from dina_lrm.eval.pairwise import pair_win_counts
+from dina_lrm.models.backbones import prompt_encoder_for
 from dina_lrm.models.reward_model import DiNaLRM
 from dina_lrm.noise import NoiseSampler, SigmaTable
 from dina_lrm.outputs import claim_output
@@ -141,10 +142,8 @@ class Trainer:
                              "and scoring encodes prompts with it")
         self.prompt_encoder = None
         if not self.loader.dataset.has_prompt_embeds:
-            from dina_lrm.models.sd3_text import SD3PromptEncoder
-
             pipe.to(self.accelerator.device)
-            self.prompt_encoder = SD3PromptEncoder.from_pipeline(pipe, config.data.train.max_sequence_length)
+            self.prompt_encoder = prompt_encoder_for(pipe.transformer).from_pipeline(pipe, config.data.train.max_sequence_length)
         model = self._build_model(pipe.transformer)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.trainable, lr=training.learning_rate, weight_decay=training.weight_decay)

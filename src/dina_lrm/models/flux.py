@@ -1,0 +1,118 @@
+"""FLUX.1 backbone: the double-stream blocks of a diffusers ``FluxTransformer2DModel``.
+
+The authors' FLUX reward model keeps ``x_embedder``, ``time_text_embed``, ``context_embedder``,
+``pos_embed`` and the first N (all 19 in their release) double-stream blocks; no single-stream
+block. It takes the SD3 call and applies FLUX's conventions inside:
+
+* latents (B, 16, h, w) are packed into 2x2 patches, (B, h/2 * w/2, 64) with features in
+  (channel, row, column) order, as ``FluxPipeline._pack_latents``; image ids are (0, row, col) and
+  text ids all zero, concatenated text first for the rotary embedding;
+* the time embedding reads sigma = timestep / 1000 and a constant guidance of 3.5, **not** scaled
+  by 1000 as the stock ``FluxTransformer2DModel.forward`` does: the authors' model feeds them
+  unscaled, and its scores depend on it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dina_lrm.models.backbone import BackboneOutput
+
+ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+TEXT_STREAM_PROJECTIONS = ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+GUIDANCE = 3.5  # the constant guidance the authors' FLUX reward model embeds
+UNADAPTED_BLOCKS = 4  # their LoRA exclusions, when they apply: every projection of blocks 0-3
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2 * w/2, 4C): 2x2 patches, features in (channel, row, column) order."""
+    batch, channels, height, width = latents.shape
+    patches = latents.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(batch, (height // 2) * (width // 2), channels * 4)
+
+
+def image_ids(rows: int, columns: int, device=None, dtype=None) -> torch.Tensor:
+    """(rows * columns, 3) position ids (0, row, column) of the packed image tokens."""
+    grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(columns), indexing="ij"), dim=-1).reshape(-1, 2)
+    return torch.cat([torch.zeros(len(grid), 1), grid], dim=1).to(device=device, dtype=dtype)
+
+
+class FluxBackbone(nn.Module):
+    def __init__(self, transformer: nn.Module, num_layers: int, visual_taps: list[int], text_taps: list[int]):
+        super().__init__()
+        blocks = transformer.transformer_blocks
+        if num_layers > len(blocks):
+            raise ValueError(f"num_transformer_layers={num_layers} but the transformer has only {len(blocks)} double-stream blocks")
+        for kind, taps in (("visual", visual_taps), ("text", text_taps)):
+            bad = [t for t in taps if not 0 <= t <= num_layers]
+            if bad:
+                raise ValueError(f"{kind} taps {bad} lie beyond the {num_layers} kept layers (valid: 0..{num_layers})")
+        self.x_embedder = transformer.x_embedder
+        self.time_text_embed = transformer.time_text_embed
+        self.context_embedder = transformer.context_embedder
+        self.pos_embed = transformer.pos_embed
+        self.transformer_blocks = nn.ModuleList(blocks[:num_layers])
+        self.visual_taps = list(visual_taps)
+        self.text_taps = list(text_taps)
+        config = transformer.config
+        self.hidden_size = config.num_attention_heads * config.attention_head_dim
+        self.latent_channels = config.in_channels // 4  # x_embedder reads 2x2-packed latents
+        self.patch_size = self.latent_patch_size(config)
+        self.text_width = config.joint_attention_dim
+        self.pooled_width = config.pooled_projection_dim
+        self.guidance_embeds = config.guidance_embeds
+        self.gradient_checkpointing = False
+
+    @classmethod
+    def from_transformer(cls, transformer, num_layers, visual_taps, text_taps) -> FluxBackbone:
+        return cls(transformer, num_layers, visual_taps, text_taps)
+
+    @staticmethod
+    def latent_patch_size(config) -> int:
+        return 2  # 2x2 packing, whatever the transformer's own patch_size (1)
+
+    def lora_target_modules(self, exclude_last_text_stream: bool) -> tuple[list[str], list[str]]:
+        """The authors' rule: every attention projection of every kept block when the last block's text
+        output is tapped (their release); otherwise not the last block's text stream, nor blocks 0-3."""
+        if not exclude_last_text_stream:
+            return list(ATTENTION_PROJECTIONS), []
+        last = len(self.transformer_blocks) - 1
+        excluded = [f"transformer_blocks.{last}.attn.{name}" for name in TEXT_STREAM_PROJECTIONS]
+        excluded += [f"transformer_blocks.{i}.attn.{name}" for i in range(min(UNADAPTED_BLOCKS, last)) for name in ATTENTION_PROJECTIONS]
+        return list(ATTENTION_PROJECTIONS), excluded
+
+    def time_embedding(self, timesteps: torch.Tensor, pooled_projections: torch.Tensor) -> torch.Tensor:
+        """temb from sigma = t / 1000 and guidance 3.5, both unscaled (see the module docstring)."""
+        sigma = timesteps.to(pooled_projections.dtype) / 1000
+        if not self.guidance_embeds:
+            return self.time_text_embed(sigma, pooled_projections)
+        guidance = torch.full_like(sigma, GUIDANCE)
+        return self.time_text_embed(sigma, guidance, pooled_projections)
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timesteps: torch.Tensor,
+    ) -> BackboneOutput:
+        height, width = latents.shape[-2:]
+        hidden = self.x_embedder(pack_latents(latents))
+        temb = self.time_embedding(timesteps, pooled_projections)
+        context = self.context_embedder(encoder_hidden_states)
+        text_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=latents.device, dtype=hidden.dtype)
+        ids = torch.cat([text_ids, image_ids(height // 2, width // 2, latents.device, hidden.dtype)])
+        rotary = self.pos_embed(ids)
+        visual = [hidden] if 0 in self.visual_taps else []
+        text = [context] if 0 in self.text_taps else []
+        for depth, block in enumerate(self.transformer_blocks, start=1):
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                context, hidden = torch.utils.checkpoint.checkpoint(block, hidden, context, temb, rotary, use_reentrant=False)
+            else:
+                context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb, image_rotary_emb=rotary)
+            if depth in self.visual_taps:
+                visual.append(hidden)
+            if depth in self.text_taps:
+                text.append(context)
+        return BackboneOutput(temb=temb, visual=visual, text=text)
