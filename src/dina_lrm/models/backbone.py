@@ -10,6 +10,7 @@ with a class that follows :class:`Backbone` and one entry in ``models/backbones.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -58,3 +59,28 @@ class Backbone(Protocol):
         ...
 
     def lora_target_modules(self, exclude_last_text_stream: bool) -> tuple[list[str], list[str]]: ...
+
+
+def check_kept_layers(available: int, num_layers: int, visual_taps: list[int], text_taps: list[int], blocks: str = "blocks") -> None:
+    """Refuse keeping more blocks than the transformer has, or taps beyond the kept ones."""
+    if num_layers > available:
+        raise ValueError(f"num_transformer_layers={num_layers} but the transformer has only {available} {blocks}")
+    for kind, taps in (("visual", visual_taps), ("text", text_taps)):
+        bad = [t for t in taps if not 0 <= t <= num_layers]
+        if bad:
+            raise ValueError(f"{kind} taps {bad} lie beyond the {num_layers} kept layers (valid: 0..{num_layers})")
+
+
+def run_tapped(blocks, step: Callable, hidden: torch.Tensor, context: torch.Tensor, temb: torch.Tensor,
+               visual_taps: list[int], text_taps: list[int]) -> BackboneOutput:
+    """Run ``step(block, hidden, context) -> (context, hidden)`` through ``blocks`` and keep the
+    streams after the tapped ones (tap 0: the embedded inputs)."""
+    visual = [hidden] if 0 in visual_taps else []
+    text = [context] if 0 in text_taps else []
+    for depth, block in enumerate(blocks, start=1):
+        context, hidden = step(block, hidden, context)
+        if depth in visual_taps:
+            visual.append(hidden)
+        if depth in text_taps:
+            text.append(context)
+    return BackboneOutput(temb=temb, visual=visual, text=text)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dina_lrm.models.backbone import BackboneOutput
+from dina_lrm.models.backbone import BackboneOutput, check_kept_layers, run_tapped
 
 ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 TEXT_STREAM_PROJECTIONS = ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -42,12 +42,7 @@ class FluxBackbone(nn.Module):
     def __init__(self, transformer: nn.Module, num_layers: int, visual_taps: list[int], text_taps: list[int]):
         super().__init__()
         blocks = transformer.transformer_blocks
-        if num_layers > len(blocks):
-            raise ValueError(f"num_transformer_layers={num_layers} but the transformer has only {len(blocks)} double-stream blocks")
-        for kind, taps in (("visual", visual_taps), ("text", text_taps)):
-            bad = [t for t in taps if not 0 <= t <= num_layers]
-            if bad:
-                raise ValueError(f"{kind} taps {bad} lie beyond the {num_layers} kept layers (valid: 0..{num_layers})")
+        check_kept_layers(len(blocks), num_layers, visual_taps, text_taps, "double-stream blocks")
         self.x_embedder = transformer.x_embedder
         self.time_text_embed = transformer.time_text_embed
         self.context_embedder = transformer.context_embedder
@@ -104,15 +99,12 @@ class FluxBackbone(nn.Module):
         text_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=latents.device, dtype=hidden.dtype)
         ids = torch.cat([text_ids, image_ids(height // 2, width // 2, latents.device, hidden.dtype)])
         rotary = self.pos_embed(ids)
-        visual = [hidden] if 0 in self.visual_taps else []
-        text = [context] if 0 in self.text_taps else []
-        for depth, block in enumerate(self.transformer_blocks, start=1):
+        return run_tapped(self.transformer_blocks, self._step(temb, rotary), hidden, context, temb, self.visual_taps, self.text_taps)
+
+    def _step(self, temb: torch.Tensor, rotary):
+        def step(block, hidden, context):
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                context, hidden = torch.utils.checkpoint.checkpoint(block, hidden, context, temb, rotary, use_reentrant=False)
-            else:
-                context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb, image_rotary_emb=rotary)
-            if depth in self.visual_taps:
-                visual.append(hidden)
-            if depth in self.text_taps:
-                text.append(context)
-        return BackboneOutput(temb=temb, visual=visual, text=text)
+                return torch.utils.checkpoint.checkpoint(block, hidden, context, temb, rotary, use_reentrant=False)
+            return block(hidden_states=hidden, encoder_hidden_states=context, temb=temb, image_rotary_emb=rotary)
+
+        return step

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dina_lrm.models.backbone import BackboneOutput
+from dina_lrm.models.backbone import BackboneOutput, check_kept_layers, run_tapped
 
 ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 TEXT_STREAM_PROJECTIONS = ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -21,12 +21,7 @@ class SD3Backbone(nn.Module):
     def __init__(self, transformer: nn.Module, num_layers: int, visual_taps: list[int], text_taps: list[int]):
         super().__init__()
         blocks = transformer.transformer_blocks
-        if num_layers > len(blocks):
-            raise ValueError(f"num_transformer_layers={num_layers} but the transformer has only {len(blocks)} blocks")
-        for kind, taps in (("visual", visual_taps), ("text", text_taps)):
-            bad = [t for t in taps if not 0 <= t <= num_layers]
-            if bad:
-                raise ValueError(f"{kind} taps {bad} lie beyond the {num_layers} kept layers (valid: 0..{num_layers})")
+        check_kept_layers(len(blocks), num_layers, visual_taps, text_taps)
         if text_taps and text_taps[-1] > 0 and blocks[text_taps[-1] - 1].context_pre_only:
             raise ValueError(
                 f"text tap {text_taps[-1]} reads block {text_taps[-1] - 1}, the transformer's last block, "
@@ -71,15 +66,12 @@ class SD3Backbone(nn.Module):
         hidden = self.pos_embed(latents).contiguous()
         temb = self.time_text_embed(timesteps, pooled_projections)
         context = self.context_embedder(encoder_hidden_states)
-        visual = [hidden] if 0 in self.visual_taps else []
-        text = [context] if 0 in self.text_taps else []
-        for depth, block in enumerate(self.transformer_blocks, start=1):
+        return run_tapped(self.transformer_blocks, self._step(temb), hidden, context, temb, self.visual_taps, self.text_taps)
+
+    def _step(self, temb: torch.Tensor):
+        def step(block, hidden, context):
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                context, hidden = torch.utils.checkpoint.checkpoint(block, hidden, context, temb, use_reentrant=False)
-            else:
-                context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb)
-            if depth in self.visual_taps:
-                visual.append(hidden)
-            if depth in self.text_taps:
-                text.append(context)
-        return BackboneOutput(temb=temb, visual=visual, text=text)
+                return torch.utils.checkpoint.checkpoint(block, hidden, context, temb, use_reentrant=False)
+            return block(hidden_states=hidden, encoder_hidden_states=context, temb=temb)
+
+        return step
