@@ -178,3 +178,54 @@ def test_analytic_flops_equal_torch_flop_counter_for_flux(transformer):
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(latents, context, pooled, torch.tensor([500.0]))
     assert scoring_flops(model, (4, 8, 8), 5, Setting((0.5,), 1)) == counter.get_total_flops()
+
+
+def test_one_thurstone_step_raises_the_margin(transformer):
+    from dina_lrm.train.step import PairNoise, PreferenceBatch, preference_forward
+
+    model = DiNaLRM(DiNaConfig.from_dict({"model": MODEL}), transformer).train()
+    latents, context, pooled, _ = inputs()
+    batch = PreferenceBatch(latents + 0.5, latents - 0.5, context, pooled)
+    noise = PairNoise(torch.tensor([0.4, 0.4]), torch.tensor([400.0, 400.0]), torch.randn(latents.shape, generator=torch.Generator().manual_seed(5)))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    before = preference_forward(model, batch, noise)
+    before.loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = preference_forward(model, batch, noise)
+    assert (after.chosen_scores - after.rejected_scores).mean() > (before.chosen_scores - before.rejected_scores).mean().detach()
+
+
+def test_prepare_and_train_on_flux(tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from conftest import reset_accelerate
+    from dina_lrm import Scorer
+    from dina_lrm.data.prepare import PrepareConfig, prepare
+    from dina_lrm.data.shards import load_preference_shards
+    from dina_lrm.train.trainer import train
+
+    build_tiny_flux_pipeline().save_pretrained(tmp_path / "flux")
+    rng, rows = np.random.default_rng(0), []
+    for i in range(6):
+        for k in range(2):
+            Image.fromarray((rng.random((64, 48, 3)) * 255).astype(np.uint8)).save(tmp_path / f"img{i}_{k}.png")
+        rows.append({"prompt": f"a red circle {i}", "chosen": f"img{i}_0.png", "rejected": f"img{i}_1.png"})
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    prepare(PrepareConfig(format="generic", input=str(tmp_path / "data.jsonl"), out=str(tmp_path / "shards"), model=str(tmp_path / "flux"),
+                          reference_size=64, cache_prompt_embeds=True, max_sequence_length=16))
+    pairs = load_preference_shards(tmp_path / "shards")
+    assert pairs.chosen.shape[1] == 4 and pairs.chosen.shape[2] % 2 == 0 and pairs.chosen.shape[3] % 2 == 0  # FLUX's 2x2 packing
+    raw = {"model": {**MODEL, "backbone_model_id": str(tmp_path / "flux")}, "training": {"mixed_precision": "fp32", "max_steps": 2},
+           "data": {"train": {"parquet_files": str(tmp_path / "shards"), "base_batch_size": 2, "max_sequence_length": 16}},
+           "paths": {"run_name": "flux", "save_dir": str(tmp_path / "runs")}, "logging": {"report_to": "none", "save_frac": 2, "log_every": 1}}
+    try:
+        final = train(DiNaConfig.from_dict(raw))
+    finally:
+        reset_accelerate()
+    scorer = Scorer.from_pretrained(final, tmp_path / "flux")
+    assert scorer.model.backbone_name == "flux" and scorer.prompt_encoder.max_sequence_length == 16
+    assert torch.isfinite(scorer.score("a red circle", images=[str(tmp_path / "img0_0.png")], u=0.1, seed=0).raw).all()

@@ -253,7 +253,9 @@ def load_pipeline(model_id_or_dir: str | Path, dtype: torch.dtype = torch.float3
     absent = {name: None for name in skip}
     index = Path(model_id_or_dir) / "model_index.json"
     if index.is_file():
-        absent.update({name: None for name, value in json.loads(index.read_text()).items() if value == [None, None]})
+        components = json.loads(index.read_text())
+        absent = {name: None for name in skip if name in components}  # a FLUX pipeline has no text_encoder_3
+        absent.update({name: None for name, value in components.items() if value == [None, None]})
     try:
         return DiffusionPipeline.from_pretrained(str(model_id_or_dir), dtype=dtype, **absent)
     except (OSError, ValueError) as err:
