@@ -10,12 +10,13 @@ embeddings, whatever other calls evict meanwhile.
 from __future__ import annotations
 
 import threading
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 
 import torch
 
 
-class CachedPromptEncoder:
+class CachedPromptEncoder(ABC):
     max_sequence_length: int
 
     def __init__(self, cache_size: int = 1024):
@@ -23,8 +24,9 @@ class CachedPromptEncoder:
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()
 
+    @abstractmethod
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """Uncached and differentiable: (encoder_hidden_states, pooled_projections) of ``prompts``."""
 
     def __call__(self, prompts: list[str] | str) -> tuple[torch.Tensor, torch.Tensor]:
         """(encoder_hidden_states (B, tokens, width), pooled_projections (B, pooled width))."""
