@@ -1,7 +1,10 @@
-"""The mid-size SD3-shaped model the CPU benchmarks share.
+"""The mid-size models the CPU benchmarks share, one per backbone.
 
-Hidden 384, 6 kept joint blocks with dual attention (of 8), 16 latent channels, 32x32 latents
-(256 image tokens), 109 text tokens of width 512: the shapes of SD3.5-M at a size two CPU cores run.
+Hidden 384 (6 heads of 64), 6 kept blocks of 8, 16 latent channels, 32x32 latents (256 image tokens),
+109 text tokens of width 512: the shapes of SD3.5-M at a size two CPU cores run, and the same sizes
+for FLUX (double-stream blocks), Z-Image (single-stream layers after 2+2 refiners; 256-wide time
+embedding) and Qwen-Image (dual-stream blocks). Z-Image and Qwen-Image take a text mask (all ones
+here) in the place of the pooled embedding.
 """
 
 from __future__ import annotations
@@ -10,23 +13,46 @@ import torch
 
 LATENT_SHAPE = (16, 32, 32)
 TEXT_TOKENS, TEXT_WIDTH, POOLED_WIDTH = 109, 512, 256
+BACKBONES = ("sd3", "flux", "zimage", "qwenimage")
+TAPS = {"num_transformer_layers": 6, "visual_head_idx": [2, 4, 6], "text_head_idx": [2, 4, 6]}
+MODEL_IDS = {"sd3": "stabilityai/stable-diffusion-3.5-medium", "flux": "black-forest-labs/FLUX.1-dev",
+             "zimage": "Tongyi-MAI/Z-Image-Turbo", "qwenimage": "Qwen/Qwen-Image"}
 
 
-def build_model(seed: int = 0, **model_overrides):
-    from diffusers import SD3Transformer2DModel
+def _transformer(backbone: str):
+    import diffusers
 
+    if backbone == "sd3":
+        return diffusers.SD3Transformer2DModel(
+            sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=8, attention_head_dim=64,
+            num_attention_heads=6, joint_attention_dim=TEXT_WIDTH, caption_projection_dim=384, pooled_projection_dim=POOLED_WIDTH,
+            qk_norm="rms_norm", dual_attention_layers=tuple(range(6)), pos_embed_max_size=64)
+    if backbone == "flux":
+        return diffusers.FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=8, num_single_layers=2, attention_head_dim=64, num_attention_heads=6,
+            joint_attention_dim=TEXT_WIDTH, pooled_projection_dim=POOLED_WIDTH, guidance_embeds=True, axes_dims_rope=(8, 28, 28))
+    if backbone == "zimage":
+        return diffusers.ZImageTransformer2DModel(
+            in_channels=16, dim=384, n_layers=8, n_refiner_layers=2, n_heads=6, n_kv_heads=6, cap_feat_dim=TEXT_WIDTH,
+            axes_dims=[16, 24, 24], axes_lens=[512, 64, 64])
+    if backbone == "qwenimage":
+        return diffusers.QwenImageTransformer2DModel(
+            patch_size=2, in_channels=64, out_channels=16, num_layers=8, attention_head_dim=64, num_attention_heads=6,
+            joint_attention_dim=TEXT_WIDTH, axes_dims_rope=(8, 28, 28))
+    raise ValueError(f"unknown backbone {backbone!r}; choose from {BACKBONES}")
+
+
+def build_model(seed: int = 0, backbone: str = "sd3", **model_overrides):
     from dina_lrm import DiNaConfig, DiNaLRM
 
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
-        sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=8, attention_head_dim=64,
-        num_attention_heads=6, joint_attention_dim=TEXT_WIDTH, caption_projection_dim=384, pooled_projection_dim=POOLED_WIDTH,
-        qk_norm="rms_norm", dual_attention_layers=tuple(range(6)), pos_embed_max_size=64,
-    )
-    config = DiNaConfig.from_dict({"model": {"num_transformer_layers": 6, "visual_head_idx": [2, 4, 6],
-                                             "text_head_idx": [2, 4, 6], **model_overrides}})
-    return DiNaLRM(config, transformer)
+    config = DiNaConfig.from_dict({"model": {**TAPS, "backbone_model_id": MODEL_IDS[backbone], **model_overrides}})
+    return DiNaLRM(config, _transformer(backbone))
 
 
-def text_inputs(batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.randn(batch, TEXT_TOKENS, TEXT_WIDTH, generator=generator), torch.randn(batch, POOLED_WIDTH, generator=generator)
+def text_inputs(batch: int, generator: torch.Generator, backbone: str = "sd3") -> tuple[torch.Tensor, torch.Tensor]:
+    """(encoder_hidden_states, pooled_projections), or the text mask for Z-Image / Qwen-Image."""
+    states = torch.randn(batch, TEXT_TOKENS, TEXT_WIDTH, generator=generator)
+    if backbone in ("zimage", "qwenimage"):
+        return states, torch.ones(batch, TEXT_TOKENS)
+    return states, torch.randn(batch, POOLED_WIDTH, generator=generator)

@@ -1,9 +1,10 @@
 """K=3 noise-level ensemble scoring: our one batched backbone pass vs. the per-level loop.
 
-The mid-size SD3-shaped model of ``midsize.py`` on the CPU. Each mode runs in its own process so
-its peak resident memory can be read; scores of both are checked equal.
+The mid-size model of ``midsize.py`` (SD3-shaped unless ``--backbone`` picks FLUX, Z-Image or
+Qwen-Image at the same sizes) on the CPU. Each mode runs in its own process so its peak resident
+memory can be read; scores of both are checked equal.
 
-    python bench/score_throughput.py [--batch 4] [--repeats 5]
+    python bench/score_throughput.py [--backbone sd3] [--batch 4] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import resource
 import time
 
 import torch
-from midsize import LATENT_SHAPE, build_model, text_inputs
+from midsize import BACKBONES, LATENT_SHAPE, build_model, text_inputs
 
 LEVELS = [0.2, 0.5, 0.8]
 
@@ -26,15 +27,15 @@ def looped(model, latents, states, pooled, timesteps):
     for k in range(latents.shape[0]):
         out = model.features(latents[k], states, pooled, timesteps[k])
         levels.append((out.visual, out.text, out.temb))
-    return model.reward_head.forward_ensemble(levels)
+    return model.reward_head.forward_ensemble(levels, out.text_mask)
 
 
-def run_mode(mode: str, batch: int, repeats: int, queue) -> None:
+def run_mode(mode: str, backbone: str, batch: int, repeats: int, queue) -> None:
     torch.set_num_threads(torch.get_num_threads())
-    model = build_model().eval()
+    model = build_model(backbone=backbone).eval()
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(len(LEVELS), batch, *LATENT_SHAPE, generator=generator)
-    states, pooled = text_inputs(batch, generator)
+    states, pooled = text_inputs(batch, generator, backbone)
     timesteps = torch.tensor(LEVELS) * 1000
     score = model.forward_ensemble if mode == "batched" else lambda *a: looped(model, *a)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -51,6 +52,7 @@ def run_mode(mode: str, batch: int, repeats: int, queue) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", choices=BACKBONES, default="sd3")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
@@ -58,13 +60,15 @@ def main() -> None:
     results = {}
     for mode in ("batched", "loop"):
         queue = context.Queue()
-        process = context.Process(target=run_mode, args=(mode, args.batch, args.repeats, queue))
+        process = context.Process(target=run_mode, args=(mode, args.backbone, args.batch, args.repeats, queue))
         process.start()
-        results[mode] = queue.get()
         process.join()
+        if queue.empty():
+            raise SystemExit(f"the {mode} run failed (exit code {process.exitcode}); its traceback is above")
+        results[mode] = queue.get()
     batched, loop = results["batched"], results["loop"]
     gap = max(abs(a - b) for a, b in zip(batched["scores"], loop["scores"]))
-    print(f"K={len(LEVELS)} ensemble, batch {args.batch}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{args.backbone}: K={len(LEVELS)} ensemble, batch {args.batch}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"{'':24}{'batched (ours)':>16}{'per-level loop':>16}")
     print(f"{'latents/s':24}{batched['latents_per_s']:16.2f}{loop['latents_per_s']:16.2f}")
     print(f"{'seconds per batch':24}{batched['s_per_batch']:16.3f}{loop['s_per_batch']:16.3f}")

@@ -85,8 +85,19 @@ def test_unknown_loss_and_unsupported_logistic_are_rejected(tmp_path):
 def test_shipped_configs_load_with_the_release_defaults():
     from pathlib import Path
 
-    for path in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
-        config = load_config(path)
-        assert config.model.backbone == "sd3"  # the release names it; our default leaves it to the transformer's class
-        assert dataclasses.replace(config.model, backbone="") == DiNaConfig().model, path
-        assert config.training.learning_rate == DiNaConfig().training.learning_rate
+    config = load_config(Path(__file__).parents[1] / "configs" / "sd35m-thurstone-12layer.yaml")
+    assert config.model.backbone == "sd3"  # the release names it; our default leaves it to the transformer's class
+    assert dataclasses.replace(config.model, backbone="") == DiNaConfig().model
+    assert config.training.learning_rate == DiNaConfig().training.learning_rate
+
+
+@pytest.mark.parametrize("name,backbone", [("flux-thurstone-19layer", "flux"), ("zimage-thurstone-16layer", "zimage")])
+def test_the_authors_yaml_loads_unchanged_and_equals_the_shipped_config(name, backbone):
+    from pathlib import Path
+
+    theirs = load_config(Path(__file__).parent / "data" / "authors_configs" / f"{name}.yaml")
+    ours = load_config(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
+    assert ours.model.backbone == backbone and dataclasses.replace(ours.model, backbone="") == theirs.model
+    assert ours.training == theirs.training and ours.paths == theirs.paths
+    assert dataclasses.replace(ours.data.train, parquet_files="", bucket_file="") == dataclasses.replace(
+        theirs.data.train, parquet_files="", bucket_file="", num_workers=0)

@@ -151,21 +151,6 @@ def test_scorer_serves_flux_from_images_and_latents(tmp_path):
         service.close()
 
 
-def test_eval_runs_a_flux_reward_model_end_to_end(tmp_path):
-    from dina_lrm.eval.runner import EvalConfig, evaluate
-    from dina_lrm.toyworld.benchmark import write_toy_benchmark
-
-    pipe = build_tiny_flux_pipeline()
-    pipe.save_pretrained(tmp_path / "flux")
-    DiNaLRM(DiNaConfig.from_dict({"model": MODEL, "data": {"train": {"max_sequence_length": 16}}}), pipe.transformer).save_pretrained(tmp_path / "rm")
-    bench = write_toy_benchmark(tmp_path / "bench", prompts=3, images_per_prompt=3, seed=2)
-    summary = evaluate(EvalConfig(format="hpdv2", input=str(bench), out=str(tmp_path / "out"), reward=str(tmp_path / "rm"),
-                                  model=str(tmp_path / "flux"), reference_size=64, u_values=[0.3], draws=[2], level_sets=[[0.2, 0.5]],
-                                  bootstrap_resamples=20))
-    assert summary["benchmark"]["pairs"] > 0 and set(summary["settings"]) == {"DiNa-LRM u=0.3", "DiNa-LRM u=0.3 x2 draws", "DiNa-LRM levels 0.2+0.5"}
-    assert all(0 <= s["accuracy"] <= 1 and s["gflops_per_image"] > 0 for s in summary["settings"].values())
-
-
 def test_analytic_flops_equal_torch_flop_counter_for_flux(transformer):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
@@ -194,38 +179,3 @@ def test_one_thurstone_step_raises_the_margin(transformer):
     with torch.no_grad():
         after = preference_forward(model, batch, noise)
     assert (after.chosen_scores - after.rejected_scores).mean() > (before.chosen_scores - before.rejected_scores).mean().detach()
-
-
-def test_prepare_and_train_on_flux(tmp_path):
-    import json
-
-    import numpy as np
-    from PIL import Image
-
-    from conftest import reset_accelerate
-    from dina_lrm import Scorer
-    from dina_lrm.data.prepare import PrepareConfig, prepare
-    from dina_lrm.data.shards import load_preference_shards
-    from dina_lrm.train.trainer import train
-
-    build_tiny_flux_pipeline().save_pretrained(tmp_path / "flux")
-    rng, rows = np.random.default_rng(0), []
-    for i in range(6):
-        for k in range(2):
-            Image.fromarray((rng.random((64, 48, 3)) * 255).astype(np.uint8)).save(tmp_path / f"img{i}_{k}.png")
-        rows.append({"prompt": f"a red circle {i}", "chosen": f"img{i}_0.png", "rejected": f"img{i}_1.png"})
-    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    prepare(PrepareConfig(format="generic", input=str(tmp_path / "data.jsonl"), out=str(tmp_path / "shards"), model=str(tmp_path / "flux"),
-                          reference_size=64, cache_prompt_embeds=True, max_sequence_length=16))
-    pairs = load_preference_shards(tmp_path / "shards")
-    assert pairs.chosen.shape[1] == 4 and pairs.chosen.shape[2] % 2 == 0 and pairs.chosen.shape[3] % 2 == 0  # FLUX's 2x2 packing
-    raw = {"model": {**MODEL, "backbone_model_id": str(tmp_path / "flux")}, "training": {"mixed_precision": "fp32", "max_steps": 2},
-           "data": {"train": {"parquet_files": str(tmp_path / "shards"), "base_batch_size": 2, "max_sequence_length": 16}},
-           "paths": {"run_name": "flux", "save_dir": str(tmp_path / "runs")}, "logging": {"report_to": "none", "save_frac": 2, "log_every": 1}}
-    try:
-        final = train(DiNaConfig.from_dict(raw))
-    finally:
-        reset_accelerate()
-    scorer = Scorer.from_pretrained(final, tmp_path / "flux")
-    assert scorer.model.backbone_name == "flux" and scorer.prompt_encoder.max_sequence_length == 16
-    assert torch.isfinite(scorer.score("a red circle", images=[str(tmp_path / "img0_0.png")], u=0.1, seed=0).raw).all()

@@ -43,12 +43,13 @@ class RewardHeadConfig:
     num_queries: int = 4
     num_attn_heads: int = 8
     dropout: float = 0.0
+    t_emb_dim: int | None = None  # in the authors' Z-Image YAML (their code ignores it); when set, must equal the backbone's
 
 
 @dataclass
 class ModelConfig:
     model_type: str = "thurstone"  # the preference loss the reward model is trained with
-    backbone: str = ""  # sd3, flux; empty: picked from the transformer's class (models/backbones.py)
+    backbone: str = ""  # sd3, flux, zimage, qwenimage; empty: picked from the transformer's class (models/backbones.py)
     backbone_model_id: str = "stabilityai/stable-diffusion-3.5-medium"
     num_transformer_layers: int = 12
     freeze_backbone: bool = False
@@ -146,10 +147,10 @@ class TrainingConfig:
 @dataclass
 class TrainDataConfig:
     """The release's ``data.train`` keys. ``parquet_files``: shard directories written by
-    ``dina-lrm prepare``, or glob patterns matching them."""
+    ``dina-lrm prepare``, or the authors' preprocessed ``part_rank*.parquet`` files; names or globs."""
 
     parquet_files: str | list[str] = ""
-    bucket_file: str | None = None  # the release's CSV bucket index; our shards carry each pair's bucket
+    bucket_file: str | None = None  # the authors' bucket_index.csv for their parquet files; our shards carry each pair's bucket
     base_batch_size: int = 4  # pairs per process per micro-step
     reference_size: int = 1024
     num_workers: int = 0
@@ -239,7 +240,10 @@ class DiNaConfig:
         self.logging.validate()
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        raw = dataclasses.asdict(self)
+        if raw["model"]["reward_head"]["t_emb_dim"] is None:  # the authors' head takes every other key as an argument
+            del raw["model"]["reward_head"]["t_emb_dim"]
+        return raw
 
 
 def from_dict(cls: type, raw: Any, where: str = ""):

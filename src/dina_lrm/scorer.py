@@ -12,8 +12,9 @@ import torch
 from diffusers import DiffusionPipeline
 
 from dina_lrm.config import DTYPE_NAMES
-from dina_lrm.data.images import center_crop_to_multiple, load_images, vae_encode
+from dina_lrm.data.images import center_crop_to_multiple, load_images, vae_encode, vae_scale_factor
 from dina_lrm.models.backbones import prompt_encoder_for
+from dina_lrm.models.prompt_cache import padded_with_mask
 from dina_lrm.models.prompt_cache import CachedPromptEncoder
 from dina_lrm.models.reward_model import DiNaLRM
 from dina_lrm.losses import pair_probability, thurstone_variance
@@ -111,7 +112,9 @@ class Scorer:
     ) -> ScoreResult:
         """Score (prompt, image) pairs. u = 0.4 suits a generator's own clean latents, 0.1 images from files.
 
-        Text comes as ``prompts`` or as the pipeline's ``prompt_embeds`` + ``pooled_prompt_embeds``.
+        Text comes as ``prompts`` or as the pipeline's ``prompt_embeds`` + ``pooled_prompt_embeds`` (for
+        Z-Image and Qwen-Image the text mask in its place; Z-Image's list of per-prompt embeddings and
+        Qwen-Image's ``prompt_embeds_mask=None`` are accepted as their pipelines return them).
         ``seed`` seeds the whole call; ``seeds`` (one per item) seed each item's noise on its own, so
         an item scores the same whatever else is in the batch. ``grad=True`` keeps the graph from
         ``latents`` (or from image tensors, through the VAE encoder) to the scores.
@@ -160,8 +163,12 @@ class Scorer:
             if prompt_embeds is not None or pooled_prompt_embeds is not None:
                 raise ValueError("pass prompts or prompt_embeds + pooled_prompt_embeds, not both")
             return self.prompt_encoder(_match_prompts(prompts, count))
+        if isinstance(prompt_embeds, (list, tuple)):  # Z-Image's pipeline: one (tokens, width) tensor per prompt
+            prompt_embeds, pooled_prompt_embeds = padded_with_mask(prompt_embeds)
+        elif prompt_embeds is not None and pooled_prompt_embeds is None and self.model.base_backbone.pooled_width is None:
+            pooled_prompt_embeds = torch.ones(prompt_embeds.shape[:2])  # Qwen-Image's pipeline gives no mask when no token is padding
         if prompt_embeds is None or pooled_prompt_embeds is None:
-            raise ValueError("pass prompts, or both prompt_embeds and pooled_prompt_embeds")
+            raise ValueError("pass prompts, or both prompt_embeds and pooled_prompt_embeds (Z-Image, Qwen-Image: the text mask)")
         if prompt_embeds.shape[0] != count or pooled_prompt_embeds.shape[0] != count:
             raise ValueError(
                 f"got {prompt_embeds.shape[0]} prompt_embeds and {pooled_prompt_embeds.shape[0]} pooled_prompt_embeds "
@@ -238,10 +245,6 @@ def _match_prompts(prompts: str | list[str], count: int) -> list[str]:
     if len(prompts) != count:
         raise ValueError(f"got {len(prompts)} prompts for {count} images/latents; give one prompt per item, or one string")
     return prompts
-
-
-def vae_scale_factor(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
 
 
 def load_pipeline(model_id_or_dir: str | Path, dtype: torch.dtype = torch.float32, skip: list[str] | tuple = ()):

@@ -42,13 +42,13 @@ from dina_lrm.align.refl import REFL_LOSS_OFFSET, LatentSet, draw_stop_index, fl
 from dina_lrm.align.rewards import build_reward
 from dina_lrm.align.sampling import Schedule, TextConditioning, initial_noise, predict_velocity, sample_ode, sample_sde
 from dina_lrm.align.sde import gaussian_kl
-from dina_lrm.data.images import vae_decode
+from dina_lrm.data.images import vae_decode, vae_scale_factor
 from dina_lrm.distributed import cpu_only
 from dina_lrm.eval.cost import MemoryMeter
 from dina_lrm.models.sd3_text import SD3PromptEncoder
 from dina_lrm.noise import SigmaTable
 from dina_lrm.outputs import claim_output
-from dina_lrm.scorer import DTYPES, load_pipeline, vae_scale_factor
+from dina_lrm.scorer import DTYPES, load_pipeline
 from dina_lrm.train.checkpoint import load_state, newest_verified, save_state, verify, write_manifest
 
 

@@ -70,16 +70,42 @@ def center_crop_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
     return image[..., top : top + new_h, left : left + new_w]
 
 
+def vae_scale_factor(vae) -> int:
+    """Pixels per latent side: 8 for the SD3 / FLUX VAE, ``2 ** len(temperal_downsample)`` for Qwen-Image's."""
+    if vae is None:
+        return 8
+    if hasattr(vae.config, "temperal_downsample"):
+        return 2 ** len(vae.config.temperal_downsample)
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _channel_statistics(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (1, -1, 1, 1, 1)
+    return (torch.tensor(vae.config.latents_mean).view(shape).to(like), torch.tensor(vae.config.latents_std).view(shape).to(like))
+
+
 def vae_encode(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """Normalised latents ``(mode - shift_factor) * scaling_factor`` of (B, 3, H, W) pixels in [0, 1],
-    as diffusers' SD3 pipelines normalise them. The posterior mean keeps encoding deterministic."""
+    """Normalised latents (B, C, h, w) of (B, 3, H, W) pixels in [0, 1], as the generator's pipelines
+    normalise them: ``(mode - shift_factor) * scaling_factor`` (SD3, FLUX, Z-Image) or, for a video
+    VAE with per-channel statistics (Qwen-Image), ``(mode - latents_mean) / latents_std`` of the one
+    frame. The posterior mean keeps encoding deterministic."""
     config = vae.config
-    latents = vae.encode((pixels * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mode()
+    pixels = (pixels * 2 - 1).to(vae.device, vae.dtype)
+    if getattr(config, "latents_mean", None) is not None:
+        latents = vae.encode(pixels[:, :, None]).latent_dist.mode()
+        mean, std = _channel_statistics(vae, latents)
+        return ((latents - mean) / std)[:, :, 0]
+    latents = vae.encode(pixels).latent_dist.mode()
     return (latents - (config.shift_factor or 0.0)) * config.scaling_factor
 
 
 def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """Pixels (B, 3, H, W) in [0, 1] from normalised latents (the inverse of :func:`vae_encode`)."""
     config = vae.config
-    latents = latents.to(vae.device, vae.dtype) / config.scaling_factor + (config.shift_factor or 0.0)
-    return ((vae.decode(latents).sample + 1) / 2).clamp(0, 1)
+    latents = latents.to(vae.device, vae.dtype)
+    if getattr(config, "latents_mean", None) is not None:
+        mean, std = _channel_statistics(vae, latents)
+        pixels = vae.decode(latents[:, :, None] * std + mean).sample[:, :, 0]
+    else:
+        pixels = vae.decode(latents / config.scaling_factor + (config.shift_factor or 0.0)).sample
+    return ((pixels + 1) / 2).clamp(0, 1)

@@ -11,15 +11,14 @@ batches of the epoch already done. Reading shard by shard keeps one row group pe
 from __future__ import annotations
 
 import glob
-from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dina_lrm.data.parquet import parquet_file, read_row_group, read_table
+from dina_lrm.data.parquet import RowReader, read_table
+from dina_lrm.data.preprocessed import PreprocessedPairDataset, is_preprocessed
 from dina_lrm.data.shards import INDEX_NAME, decode_latents, read_index
 
 PAIR_COLUMNS = ["prompt", "chosen", "rejected", "latent_shape", "confidence"]
@@ -39,12 +38,6 @@ def shard_directories(parquet_files: str | list[str]) -> list[Path]:
             raise FileNotFoundError(f"no preference shards at {pattern} (expected a directory with {INDEX_NAME} from `dina-lrm prepare`)")
         directories += found
     return directories
-
-
-@dataclass
-class ShardFile:
-    path: Path
-    row_group_starts: np.ndarray  # first row of each row group
 
 
 class PairDataset(Dataset):
@@ -67,52 +60,36 @@ class PairDataset(Dataset):
         if len(lengths) > 1:
             raise ValueError(f"shard directories cache prompt embeddings of different T5 lengths {sorted(map(str, lengths))}")
         self.prompt_tokens = lengths.pop()
-        self.files: list[ShardFile] = []
-        shard_of, row_of, buckets = [], [], []
+        paths, shard_of, row_of, buckets = [], [], [], []
         for directory, index in zip(directories, indexes):
             for shard in index["shards"]:
                 if not shard["rows"]:
                     continue
-                path = directory / shard["file"]
-                metadata = parquet_file(path).metadata
-                sizes = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
-                self.files.append(ShardFile(path, np.cumsum([0] + sizes[:-1])))
-                shard_of.append(np.full(shard["rows"], len(self.files) - 1))
+                paths.append(directory / shard["file"])
+                shard_of.append(np.full(shard["rows"], len(paths) - 1))
                 row_of.append(np.arange(shard["rows"]))
-                buckets += read_table(path, columns=["bucket"]).column("bucket").to_pylist()
+                buckets += read_table(paths[-1], columns=["bucket"]).column("bucket").to_pylist()
         self.shard_of, self.row_of = np.concatenate(shard_of), np.concatenate(row_of)
         self.bucket_names = sorted(set(buckets))
         lookup = {name: i for i, name in enumerate(self.bucket_names)}
         self.bucket_of = np.array([lookup[b] for b in buckets])
-        self.cache_row_groups = cache_row_groups
-        self._cache: OrderedDict[tuple[int, int], dict] = OrderedDict()
+        self.rows = RowReader(paths, PAIR_COLUMNS + (EMBED_COLUMNS if self.has_prompt_embeds else []), cache_row_groups)
 
     def __len__(self) -> int:
         return len(self.shard_of)
 
-    def _row_group(self, shard: int, group: int) -> dict:
-        key = (shard, group)
-        if key not in self._cache:
-            columns = PAIR_COLUMNS + (EMBED_COLUMNS if self.has_prompt_embeds else [])
-            self._cache[key] = read_row_group(self.files[shard].path, group, columns).to_pydict()
-            while len(self._cache) > self.cache_row_groups:
-                self._cache.popitem(last=False)
-        return self._cache[key]
-
     def __getitem__(self, index: int) -> dict:
-        shard, row = int(self.shard_of[index]), int(self.row_of[index])
-        group = int(np.searchsorted(self.files[shard].row_group_starts, row, side="right") - 1)
-        columns, offset = self._row_group(shard, group), row - int(self.files[shard].row_group_starts[group])
-        shape = columns["latent_shape"][offset]
+        row = self.rows.row(int(self.shard_of[index]), int(self.row_of[index]))
+        shape = row["latent_shape"]
         item = {
-            "prompt": columns["prompt"][offset],
-            "chosen": decode_latents([columns["chosen"][offset]], [shape])[0],
-            "rejected": decode_latents([columns["rejected"][offset]], [shape])[0],
-            "confidence": torch.tensor(columns["confidence"][offset], dtype=torch.float32),
+            "prompt": row["prompt"],
+            "chosen": decode_latents([row["chosen"]], [shape])[0],
+            "rejected": decode_latents([row["rejected"]], [shape])[0],
+            "confidence": torch.tensor(row["confidence"], dtype=torch.float32),
         }
         if self.has_prompt_embeds:
-            item["prompt_embeds"] = decode_latents([columns["prompt_embeds"][offset]], [columns["prompt_embeds_shape"][offset]])[0]
-            pooled = columns["pooled_prompt_embeds"][offset]
+            item["prompt_embeds"] = decode_latents([row["prompt_embeds"]], [row["prompt_embeds_shape"]])[0]
+            pooled = row["pooled_prompt_embeds"]
             item["pooled_prompt_embeds"] = torch.from_numpy(np.frombuffer(pooled, dtype=np.float16).astype(np.float32))
         return item
 
@@ -182,11 +159,17 @@ class BucketBatchSampler(Sampler):
 
 def pair_loader(
     parquet_files: str | list[str], batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
-    shuffle: bool = True, num_workers: int = 0, drop_last: bool = True,
+    shuffle: bool = True, num_workers: int = 0, drop_last: bool = True, bucket_file: str | None = None,
 ) -> DataLoader:
     """A DataLoader of bucketed pair batches; ``loader.batch_sampler.set_epoch(e, start)`` before each epoch.
-    ``drop_last=False`` (evaluation) also yields each bucket's short final batch."""
-    dataset = PairDataset(parquet_files)
+    ``drop_last=False`` (evaluation) also yields each bucket's short final batch. ``parquet_files``: our
+    shard directories, or the authors' preprocessed parquet files (with their ``bucket_file`` index)."""
+    if is_preprocessed(parquet_files):
+        dataset = PreprocessedPairDataset(parquet_files, bucket_file)
+    elif bucket_file:
+        raise ValueError("a bucket_file indexes the authors' preprocessed parquet files; our shard directories carry their buckets")
+    else:
+        dataset = PairDataset(parquet_files)
     sampler = BucketBatchSampler(dataset, batch_size, num_replicas, rank, seed, shuffle, drop_last)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_pairs, num_workers=num_workers,
                       persistent_workers=num_workers > 0)

@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from dina_lrm.data.buckets import aspect_ratio_buckets, nearest_bucket, resize_to_bucket
-from dina_lrm.data.images import vae_encode
+from dina_lrm.data.images import vae_encode, vae_scale_factor
 from dina_lrm.data.readers import DEFAULT_GROUPS_PER_UNIT, InvalidRow, LabelRules, WorkUnit, dataset_units
 from dina_lrm.data.records import ImageSource, PreferenceGroup, ReadReport
 from dina_lrm.data.shards import PairRecord, shard_metadata, write_index, write_shard
@@ -75,9 +75,10 @@ class LatentEncoder:
     def __init__(self, pipe, config: PrepareConfig):
         self.vae = pipe.vae
         self.patch_size = latent_patch_size(pipe.transformer)
-        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        scale = vae_scale_factor(self.vae)
         multiple = scale * self.patch_size
-        reference = config.reference_size or pipe.default_sample_size * scale  # the native size (SD3: 1024 for 3.5-M; FLUX: 1024)
+        native = getattr(pipe, "default_sample_size", None)  # in latents; Z-Image's pipeline has none (1024 px)
+        reference = config.reference_size or (native * scale if native else 1024)
         self.buckets = aspect_ratio_buckets(reference, multiple, config.bucket_step)
         self.batch_size = config.batch_size
         self.prompt_encoder = None

@@ -16,33 +16,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dina_lrm.eval.reward_fn import Setting
+from dina_lrm.models.backbone import attention_flops, linear_flops
 from dina_lrm.models.reward_model import DiNaLRM
 
 
-def _linear_flops(module: nn.Module, tokens_for) -> int:
-    return sum(2 * m.in_features * m.out_features * tokens_for(name) for name, m in module.named_modules() if isinstance(m, nn.Linear))
-
-
 def backbone_flops(model: DiNaLRM, image_tokens: int, text_tokens: int) -> int:
-    """One backbone pass over one image."""
-    backbone = model.base_backbone
-    width, patch = backbone.hidden_size, backbone.patch_size
-
-    def tokens_for(name: str) -> int:
-        if "time_text_embed" in name or ".norm1." in name or ".norm1_context." in name:
-            return 1
-        if "context_embedder" in name or ".attn.add_" in name or ".attn.to_add_out" in name or ".ff_context." in name:
-            return text_tokens
-        return image_tokens
-
-    flops = _linear_flops(model.backbone, tokens_for)  # FLUX's patch embedding (x_embedder) is a Linear, counted here
-    if isinstance(getattr(getattr(backbone, "pos_embed", None), "proj", None), nn.Conv2d):
-        flops += 2 * image_tokens * backbone.latent_channels * patch * patch * width  # SD3's convolutional patch embedding
-    for block in backbone.transformer_blocks:
-        flops += 4 * (image_tokens + text_tokens) ** 2 * width  # joint attention: QK^T and AV
-        if getattr(block, "attn2", None) is not None:
-            flops += 4 * image_tokens**2 * width
-    return flops
+    """One backbone pass over one image (each backbone counts its own modules)."""
+    return model.base_backbone.flops(image_tokens, text_tokens)
 
 
 def head_flops(model: DiNaLRM, image_tokens: int, text_tokens: int, levels: int) -> int:
@@ -66,16 +46,17 @@ def head_flops(model: DiNaLRM, image_tokens: int, text_tokens: int, levels: int)
     adapters = nn.ModuleDict({"layer_adapters_visual": head.layer_adapters_visual, "layer_adapters_text": head.layer_adapters_text,
                               "agg_visual": head.agg_visual, **({"agg_text": head.agg_text} if use_text else {})})
     scoring = nn.ModuleDict({"attn1": head.attn1, "attn2": head.attn2, "ff": head.ff, "head": head.head})
-    attention = 4 * queries * levels * (2 * image_tokens + (text_tokens if use_text else 0)) * width
-    return levels * _linear_flops(adapters, per_level) + _linear_flops(scoring, per_score) + attention
+    attention = attention_flops(queries, levels * (2 * image_tokens + (text_tokens if use_text else 0)), width)
+    return levels * linear_flops(adapters, per_level) + linear_flops(scoring, per_score) + attention
 
 
 def scoring_flops(model: DiNaLRM, latent_shape: tuple[int, int, int], text_tokens: int, setting: Setting) -> int:
     """FLOPs to score one image of ``latent_shape`` (C, H, W) under ``setting``."""
-    patch = model.base_backbone.patch_size
-    image_tokens = (latent_shape[1] // patch) * (latent_shape[2] // patch)
+    backbone = model.base_backbone
+    image_tokens = (latent_shape[1] // backbone.patch_size) * (latent_shape[2] // backbone.patch_size)
     levels = len(setting.levels)
-    one_draw = levels * backbone_flops(model, image_tokens, text_tokens) + head_flops(model, image_tokens, text_tokens, levels)
+    read = backbone.feature_tokens(image_tokens, text_tokens)
+    one_draw = levels * backbone_flops(model, image_tokens, text_tokens) + head_flops(model, *read, levels)
     return setting.draws * one_draw
 
 

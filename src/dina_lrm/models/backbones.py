@@ -26,6 +26,10 @@ BACKBONES = {
                       ("stable-diffusion-3",)),
     "flux": Registered("FluxTransformer2DModel", "dina_lrm.models.flux:FluxBackbone", "dina_lrm.models.flux_text:FluxPromptEncoder",
                        ("flux",)),
+    "zimage": Registered("ZImageTransformer2DModel", "dina_lrm.models.zimage:ZImageBackbone",
+                         "dina_lrm.models.zimage_text:ZImagePromptEncoder", ("z-image", "zimage")),
+    "qwenimage": Registered("QwenImageTransformer2DModel", "dina_lrm.models.qwenimage:QwenImageBackbone",
+                            "dina_lrm.models.qwenimage_text:QwenImagePromptEncoder", ("qwen-image", "qwenimage")),
 }
 
 

@@ -17,10 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dina_lrm.models.backbone import BackboneOutput, check_kept_layers, run_tapped
+from dina_lrm.models.backbone import BackboneOutput, check_kept_layers, dual_stream_flops, dual_stream_lora_targets, run_tapped
 
-ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-TEXT_STREAM_PROJECTIONS = ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 GUIDANCE = 3.5  # the constant guidance the authors' FLUX reward model embeds
 UNADAPTED_BLOCKS = 4  # their LoRA exclusions, when they apply: every projection of blocks 0-3
 
@@ -52,16 +50,13 @@ class FluxBackbone(nn.Module):
         self.text_taps = list(text_taps)
         config = transformer.config
         self.hidden_size = config.num_attention_heads * config.attention_head_dim
+        self.temb_dim = self.hidden_size
         self.latent_channels = config.in_channels // 4  # x_embedder reads 2x2-packed latents
         self.patch_size = self.latent_patch_size(config)
         self.text_width = config.joint_attention_dim
         self.pooled_width = config.pooled_projection_dim
         self.guidance_embeds = config.guidance_embeds
         self.gradient_checkpointing = False
-
-    @classmethod
-    def from_transformer(cls, transformer, num_layers, visual_taps, text_taps) -> FluxBackbone:
-        return cls(transformer, num_layers, visual_taps, text_taps)
 
     @staticmethod
     def latent_patch_size(config) -> int:
@@ -70,12 +65,13 @@ class FluxBackbone(nn.Module):
     def lora_target_modules(self, exclude_last_text_stream: bool) -> tuple[list[str], list[str]]:
         """The authors' rule: every attention projection of every kept block when the last block's text
         output is tapped (their release); otherwise not the last block's text stream, nor blocks 0-3."""
-        if not exclude_last_text_stream:
-            return list(ATTENTION_PROJECTIONS), []
-        last = len(self.transformer_blocks) - 1
-        excluded = [f"transformer_blocks.{last}.attn.{name}" for name in TEXT_STREAM_PROJECTIONS]
-        excluded += [f"transformer_blocks.{i}.attn.{name}" for i in range(min(UNADAPTED_BLOCKS, last)) for name in ATTENTION_PROJECTIONS]
-        return list(ATTENTION_PROJECTIONS), excluded
+        return dual_stream_lora_targets(len(self.transformer_blocks), exclude_last_text_stream, UNADAPTED_BLOCKS)
+
+    def feature_tokens(self, image_tokens: int, text_tokens: int) -> tuple[int, int]:
+        return image_tokens, text_tokens
+
+    def flops(self, image_tokens: int, text_tokens: int) -> int:
+        return dual_stream_flops(self, image_tokens, text_tokens)
 
     def time_embedding(self, timesteps: torch.Tensor, pooled_projections: torch.Tensor) -> torch.Tensor:
         """temb from sigma = t / 1000 and guidance 3.5, both unscaled (see the module docstring)."""

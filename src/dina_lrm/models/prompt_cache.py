@@ -50,3 +50,14 @@ class CachedPromptEncoder(ABC):
                     self._cache.popitem(last=False)
         entries = [found[p] for p in prompts]
         return torch.stack([e[0] for e in entries]), torch.stack([e[1] for e in entries])
+
+
+def padded_with_mask(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, longest, width) zero-padded states and their (B, longest) mask from per-prompt (tokens, width) tensors."""
+    if not embeds or any(e.dim() != 2 for e in embeds):
+        raise ValueError("per-prompt embeddings must be a non-empty list of (tokens, width) tensors")
+    states = torch.nn.utils.rnn.pad_sequence(list(embeds), batch_first=True)
+    mask = torch.zeros(states.shape[:2], dtype=states.dtype, device=states.device)
+    for i, e in enumerate(embeds):
+        mask[i, : len(e)] = 1
+    return states, mask

@@ -61,24 +61,30 @@ class QueryCrossAttention(nn.Module):
         self.gate_vis = _token_gate(dim) if gated else None
         self.gate_text = _token_gate(dim) if (gated and use_text) else None
 
-    def _attend(self, q, context, to_k, to_v, gate) -> torch.Tensor:
+    def _attend(self, q, context, to_k, to_v, gate, mask=None) -> torch.Tensor:
         value = to_v(context)
         if gate is not None:
             value = value * torch.sigmoid(gate(context))
         heads = [t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (q, to_k(context), value)]
-        return F.scaled_dot_product_attention(*heads).transpose(1, 2).flatten(2)
+        mask = None if mask is None else mask[:, None, None, :]
+        return F.scaled_dot_product_attention(*heads, attn_mask=mask).transpose(1, 2).flatten(2)
 
-    def forward(self, queries: torch.Tensor, visual: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, queries: torch.Tensor, visual: torch.Tensor, text: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``text_mask`` (B, N_text) bool: False marks padding that only fills out a batch."""
         q = self.to_q(self.norm_q(queries))
         out = self._attend(q, self.norm_v(visual), self.to_k_vis, self.to_v_vis, self.gate_vis)
         if text is not None and self.to_k_text is not None:
-            out = out + self._attend(q, self.norm_t(text), self.to_k_text, self.to_v_text, self.gate_text)
+            out = out + self._attend(q, self.norm_t(text), self.to_k_text, self.to_v_text, self.gate_text, text_mask)
         return queries + self.to_out(out)
 
 
 class RewardHead(nn.Module):
-    def __init__(self, config: RewardHeadConfig, token_dim: int, num_visual_taps: int, num_text_taps: int):
+    def __init__(self, config: RewardHeadConfig, token_dim: int, num_visual_taps: int, num_text_taps: int,
+                 temb_dim: int | None = None):
+        """``temb_dim``: width of the backbone's time embedding (``token_dim`` unless given; Z-Image: 256)."""
         super().__init__()
+        temb_dim = token_dim if temb_dim is None else temb_dim
         width = token_dim if config.width == -1 else config.width
         if width % 4:
             raise ValueError(f"reward head width must be divisible by 4, got {width}")
@@ -86,7 +92,7 @@ class RewardHead(nn.Module):
 
         def adapters(n: int) -> nn.ModuleList:
             return nn.ModuleList(
-                FiLMAdapter(token_dim, token_dim, width, adapter_dim, config.use_proj_in) for _ in range(n)
+                FiLMAdapter(token_dim, temb_dim, width, adapter_dim, config.use_proj_in) for _ in range(n)
             )
 
         self.layer_adapters_visual = adapters(num_visual_taps)
@@ -116,20 +122,24 @@ class RewardHead(nn.Module):
         txt = self.agg_text(torch.cat([a(x, temb) for a, x in zip(self.layer_adapters_text, text)], dim=-1))
         return vis, txt
 
-    def score_tokens(self, visual: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
+    def score_tokens(self, visual: torch.Tensor, text: torch.Tensor | None, text_mask: torch.Tensor | None = None) -> torch.Tensor:
         queries = self.query_tokens.expand(visual.shape[0], -1, -1)
-        queries = self.attn1(queries, visual, text)
+        queries = self.attn1(queries, visual, text, text_mask)
         queries = self.attn2(queries, visual)
         queries = queries + self.ff(self.norm_ff(queries))
         return self.head(queries).mean(dim=1)
 
-    def forward(self, visual: list[torch.Tensor], text: list[torch.Tensor], temb: torch.Tensor) -> torch.Tensor:
-        return self.score_tokens(*self.tokens(visual, text, temb))
+    def forward(self, visual: list[torch.Tensor], text: list[torch.Tensor], temb: torch.Tensor,
+                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.score_tokens(*self.tokens(visual, text, temb), text_mask)
 
-    def forward_ensemble(self, levels: list[tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
+    def forward_ensemble(self, levels: list[tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]],
+                         text_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Multi-noise-level ensemble: each level's tokens (built with its own temb) are concatenated
-        along the sequence, and the queries read them all in one pass."""
+        along the sequence, and the queries read them all in one pass. ``text_mask`` is the (B, N_text)
+        mask of one level (every level reads the same prompts)."""
         per_level = [self.tokens(visual, text, temb) for visual, text, temb in levels]
         visual = torch.cat([v for v, _ in per_level], dim=1)
         text = None if per_level[0][1] is None else torch.cat([t for _, t in per_level], dim=1)
-        return self.score_tokens(visual, text)
+        text_mask = None if text_mask is None else text_mask.repeat(1, len(levels))
+        return self.score_tokens(visual, text, text_mask)

@@ -20,9 +20,12 @@ class DiNaLRM(nn.Module):
     """Scores noisy latents: ``forward(latents, encoder_hidden_states, pooled_projections, timesteps)``
     returns raw scores (B, 1).
 
-    ``transformer`` is the generator's transformer (diffusers ``SD3Transformer2DModel`` or
-    ``FluxTransformer2DModel``; ``models/backbones.py`` picks the backbone from its class); its first
-    ``model.num_transformer_layers`` blocks are shared, not copied.
+    ``transformer`` is the generator's transformer (a diffusers ``SD3Transformer2DModel``,
+    ``FluxTransformer2DModel``, ``ZImageTransformer2DModel`` or ``QwenImageTransformer2DModel``;
+    ``models/backbones.py`` picks the backbone from its class); its first
+    ``model.num_transformer_layers`` blocks are shared, not copied. For generators without pooled text
+    (Z-Image, Qwen-Image) ``pooled_projections`` is the text attention mask (B, tokens) that their
+    prompt encoders return beside the embeddings.
     """
 
     def __init__(self, config: DiNaConfig | ModelConfig, transformer: nn.Module):
@@ -35,10 +38,13 @@ class DiNaLRM(nn.Module):
                 "this transformer already carries LoRA layers (another DiNaLRM shares its blocks); "
                 "pass a fresh transformer, e.g. copy.deepcopy(pipe.transformer) or a new from_pretrained"
             )
-        backbone = backbone_for(transformer, model_cfg.backbone, model_cfg.backbone_model_id).from_transformer(
+        backbone = backbone_for(transformer, model_cfg.backbone, model_cfg.backbone_model_id)(
             transformer, model_cfg.num_transformer_layers, model_cfg.visual_taps, model_cfg.text_taps
         )
-        self.backbone_name = backbone_name(transformer)  # sd3, flux: the registry's name
+        self.backbone_name = backbone_name(transformer)  # the registry's name: sd3, flux, zimage, qwenimage
+        stated = model_cfg.reward_head.t_emb_dim
+        if stated is not None and stated != backbone.temb_dim:
+            raise ValueError(f"model.reward_head.t_emb_dim={stated}, but the {self.backbone_name} backbone's time embedding is {backbone.temb_dim} wide")
         if model_cfg.backbone_mode == "lora":
             text_taps = model_cfg.text_taps
             exclude = not text_taps or text_taps[-1] != model_cfg.num_transformer_layers
@@ -47,8 +53,9 @@ class DiNaLRM(nn.Module):
             backbone.requires_grad_(model_cfg.backbone_mode == "full")
         self.backbone = backbone
         reference = next(transformer.parameters())
+        base = self.base_backbone
         self.reward_head = RewardHead(
-            model_cfg.reward_head, self.base_backbone.hidden_size, len(model_cfg.visual_taps), len(model_cfg.text_taps)
+            model_cfg.reward_head, base.hidden_size, len(model_cfg.visual_taps), len(model_cfg.text_taps), base.temb_dim
         ).to(device=reference.device, dtype=reference.dtype)
 
     @property
@@ -68,6 +75,8 @@ class DiNaLRM(nn.Module):
 
     def check_latents(self, latents: torch.Tensor) -> None:
         backbone = self.base_backbone
+        if latents.dim() == 5 and latents.shape[2] == 1 and getattr(backbone, "video_latents", False):
+            latents = latents[:, :, 0]
         if latents.dim() != 4:
             raise ValueError(f"latents must be (B, C, H, W), got shape {tuple(latents.shape)}")
         channels, height, width = latents.shape[1:]
@@ -84,9 +93,13 @@ class DiNaLRM(nn.Module):
     def check_inputs(self, latents, encoder_hidden_states, pooled_projections) -> None:
         self.check_latents(latents)
         backbone, batch = self.base_backbone, latents.shape[0]
+        if backbone.pooled_width is None and pooled_projections.shape[-1:] != encoder_hidden_states.shape[1:2]:
+            raise ValueError(f"a {self.backbone_name} reward takes the text mask (B, tokens) in place of pooled_projections; "
+                             f"got {tuple(pooled_projections.shape)} beside encoder_hidden_states {tuple(encoder_hidden_states.shape)}")
+        pooled_width = encoder_hidden_states.shape[1] if backbone.pooled_width is None else backbone.pooled_width
         for name, tensor, dims, width in (
             ("encoder_hidden_states", encoder_hidden_states, 3, backbone.text_width),
-            ("pooled_projections", pooled_projections, 2, backbone.pooled_width),
+            ("pooled_projections", pooled_projections, 2, pooled_width),
         ):
             if tensor.dim() != dims or tensor.shape[0] != batch or tensor.shape[-1] != width:
                 raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected {dims} dims, batch {batch}, width {width}")
@@ -100,7 +113,7 @@ class DiNaLRM(nn.Module):
 
     def forward(self, latents, encoder_hidden_states, pooled_projections, timesteps) -> torch.Tensor:
         out = self.features(latents, encoder_hidden_states, pooled_projections, timesteps)
-        return self.reward_head(out.visual, out.text, out.temb)
+        return self.reward_head(out.visual, out.text, out.temb, out.text_mask)
 
     def forward_ensemble(self, latents, encoder_hidden_states, pooled_projections, timesteps) -> torch.Tensor:
         """Multi-noise-level score (B, 1). ``latents``: (K, B, C, H, W) or K tensors (B, C, H, W), one
@@ -117,7 +130,8 @@ class DiNaLRM(nn.Module):
             pooled_projections.repeat(levels, 1),
             timesteps.reshape(-1),
         )
-        return self.reward_head.forward_ensemble([(o.visual, o.text, o.temb) for o in out.chunk(levels)])
+        chunks = out.chunk(levels)
+        return self.reward_head.forward_ensemble([(o.visual, o.text, o.temb) for o in chunks], chunks[0].text_mask)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the release layout: config.json and checkpoint/{rm_head.safetensors, rm_head.pt, backbone_lora/}

@@ -5,11 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dina_lrm.models.backbone import BackboneOutput, check_kept_layers, run_tapped
-
-ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-TEXT_STREAM_PROJECTIONS = ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-
+from dina_lrm.models.backbone import BackboneOutput, check_kept_layers, dual_stream_flops, dual_stream_lora_targets, run_tapped
 
 class SD3Backbone(nn.Module):
     """Patch, time+pooled-text and context embeddings plus the first ``num_layers`` joint blocks.
@@ -35,26 +31,26 @@ class SD3Backbone(nn.Module):
         self.text_taps = list(text_taps)
         config = transformer.config
         self.hidden_size = config.num_attention_heads * config.attention_head_dim
+        self.temb_dim = self.hidden_size
         self.latent_channels = config.in_channels
         self.patch_size = config.patch_size
         self.text_width = config.joint_attention_dim
         self.pooled_width = config.pooled_projection_dim
         self.gradient_checkpointing = False
 
-    @classmethod
-    def from_transformer(cls, transformer, num_layers, visual_taps, text_taps) -> SD3Backbone:
-        return cls(transformer, num_layers, visual_taps, text_taps)
-
     @staticmethod
     def latent_patch_size(config) -> int:
         return config.patch_size
 
     def lora_target_modules(self, exclude_last_text_stream: bool) -> tuple[list[str], list[str]]:
-        """LoRA targets and exclusions. The last kept block's text-stream projections get no LoRA
-        when its text output is not tapped (their output never reaches the head)."""
-        last = len(self.transformer_blocks) - 1
-        excluded = [f"transformer_blocks.{last}.attn.{name}" for name in TEXT_STREAM_PROJECTIONS]
-        return list(ATTENTION_PROJECTIONS), excluded if exclude_last_text_stream else []
+        return dual_stream_lora_targets(len(self.transformer_blocks), exclude_last_text_stream)
+
+    def feature_tokens(self, image_tokens: int, text_tokens: int) -> tuple[int, int]:
+        return image_tokens, text_tokens
+
+    def flops(self, image_tokens: int, text_tokens: int) -> int:
+        convolution = 2 * image_tokens * self.latent_channels * self.patch_size**2 * self.hidden_size  # the patch embedding
+        return dual_stream_flops(self, image_tokens, text_tokens) + convolution
 
     def forward(
         self,

@@ -175,7 +175,7 @@ class RewardService:
                 "latent_channels": backbone.latent_channels,
                 "patch_size": backbone.patch_size,
                 "prompt_embeds_width": backbone.text_width,
-                "pooled_prompt_embeds_width": backbone.pooled_width,
+                "pooled_prompt_embeds_width": "text mask (B, tokens)" if backbone.pooled_width is None else backbone.pooled_width,
                 "max_sequence_length": self.scorer.prompt_encoder.max_sequence_length,
             },
             "score_scale": {

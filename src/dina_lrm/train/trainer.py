@@ -164,7 +164,7 @@ class Trainer:
         data = self.config.data.train
         return pair_loader(
             data.parquet_files, data.base_batch_size, self.accelerator.num_processes, self.accelerator.process_index,
-            seed=data.seed, shuffle=data.shuffle, num_workers=data.num_workers,
+            seed=data.seed, shuffle=data.shuffle, num_workers=data.num_workers, bucket_file=data.bucket_file,
         )
 
     def _eval_loader(self, section):
