@@ -56,3 +56,52 @@ def text_inputs(batch: int, generator: torch.Generator, backbone: str = "sd3") -
     if backbone in ("zimage", "qwenimage"):
         return states, torch.ones(batch, TEXT_TOKENS)
     return states, torch.randn(batch, POOLED_WIDTH, generator=generator)
+
+
+CLIP_WIDTH, T5_TOKENS = 128, TEXT_TOKENS - 77  # the SD3 text sequence: 77 CLIP tokens, then T5's
+
+
+def sd3_prompt_encoder(t5_layers: int, seed: int = 0):
+    """SD3 text conditioning at the mid size: two CLIPs (width 128, pooled 2 x 128) and a T5 of
+    width 512 with ``t5_layers`` layers (its depth sets the text encoders' share of the cost)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from dina_lrm.models.sd3_text import SD3PromptEncoder
+    from dina_lrm.toyworld.tiny_sd3 import clip_tokenizer, t5_tokenizer
+
+    torch.manual_seed(seed)
+    clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer()
+    clip = dict(vocab_size=len(clip_tok), hidden_size=CLIP_WIDTH, intermediate_size=4 * CLIP_WIDTH, num_hidden_layers=4,
+                num_attention_heads=2, projection_dim=POOLED_WIDTH // 2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                pad_token_id=1)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=TEXT_WIDTH, d_kv=64, d_ff=4096, num_layers=t5_layers, num_heads=8,
+                                 feed_forward_proj="gated-gelu"))
+    encoders = [CLIPTextModelWithProjection(CLIPTextConfig(**clip)), CLIPTextModelWithProjection(CLIPTextConfig(**clip)), t5]
+    return SD3PromptEncoder([clip_tok, clip_tok, t5_tok], encoders, max_sequence_length=T5_TOKENS, joint_attention_dim=TEXT_WIDTH)
+
+
+def text_flops(encoder) -> int:
+    """FLOPs to encode one prompt with ``encoder`` (an SD3PromptEncoder), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        encoder.encode(["a prompt"])
+    return counter.get_total_flops()
+
+
+def save_pipeline(directory, t5_layers: int = 2, seed: int = 0):
+    """A mid-size SD3 pipeline (the transformer of :func:`build_model`, the text encoders of
+    :func:`sd3_prompt_encoder`, a 4-level VAE) written with ``save_pretrained``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from dina_lrm.toyworld.tiny_sd3 import small_vae
+
+    torch.manual_seed(seed)
+    text = sd3_prompt_encoder(t5_layers, seed)
+    vae = small_vae((32, 64, 64, 64), LATENT_SHAPE[0], 8 * LATENT_SHAPE[1], norm_num_groups=8, shift_factor=0.0609, scaling_factor=1.5305)
+    pipe = StableDiffusion3Pipeline(
+        transformer=_transformer("sd3"), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text.text_encoders[0], tokenizer=text.tokenizers[0], text_encoder_2=text.text_encoders[1],
+        tokenizer_2=text.tokenizers[1], text_encoder_3=text.text_encoders[2], tokenizer_3=text.tokenizers[2])
+    pipe.save_pretrained(directory)
+    return pipe

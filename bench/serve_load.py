@@ -1,10 +1,12 @@
 """Load test of ``dina-lrm serve`` on loopback: N concurrent clients, one item per request.
 
-Side by side, in one run, on the toy world's shipped generator with a DiNa-LRM of the demo's shape:
+Side by side, in one run, on the toy world's shipped generator with a DiNa-LRM of the demo's shape
+(``--shape toy``, where HTTP dominates a step) or on the mid-size SD3-shaped model of ``midsize.py``
+(``--shape mid``, a step of realistic weight):
   * in-process: ``Scorer.score`` on batches of MAX_BATCH items, and one item at a time;
   * the server without micro-batching (``--max-batch-size 1``) and with it.
 Each server runs as its own ``dina-lrm serve`` process; the clients are threads of this process,
-each with one keep-alive connection, sending until REQUESTS requests or SECONDS have passed.
+each with one keep-alive connection, sending REQUESTS requests.
 
 Then the server against careless clients, with its default limits (idle timeout IDLE for the stalled run):
   * many clients at once (32 x 50 requests by default): requests that failed;
@@ -12,8 +14,8 @@ Then the server against careless clients, with its default limits (idle timeout 
     how long the server takes to close the stalled ones;
   * one request with a 20 MB prompt: the status, the time to the answer, the server's RSS growth.
 
-    python bench/serve_load.py [--clients 8] [--requests 40] [--seconds 30] [--max-batch 8] [--max-wait-ms 5]
-                               [--burst-clients 32] [--burst-requests 50] [--stalled 150] [--idle-timeout-s 2]
+    python bench/serve_load.py [--shape toy] [--clients 8] [--requests 40] [--max-batch 8] [--max-wait-ms 5]
+                               [--burst-clients 32] [--burst-requests 50] [--stalled 150] [--idle-timeout-s 2] [--no-careless]
 """
 
 from __future__ import annotations
@@ -43,19 +45,27 @@ GENERATOR = Path(__file__).resolve().parents[1] / "src" / "dina_lrm" / "toyworld
 PROMPTS = ["a red circle", "two blue squares", "a small green triangle on the left", "a big yellow star"]
 
 
-def build_reward(directory: Path) -> Scorer:
-    pipe = load_pipeline(GENERATOR)
-    model = DiNaLRM(DiNaConfig.from_dict({"model": DEMO_MODEL}), pipe.transformer)
-    model.save_pretrained(directory)
-    return Scorer.from_model(model, pipe, max_sequence_length=T5_TOKENS)
+def build_reward(directory: Path, shape: str) -> tuple[Scorer, Path, tuple[int, ...]]:
+    """The reward (saved to ``directory / "reward"``), its generator's directory and the latent shape."""
+    if shape == "mid":
+        from midsize import LATENT_SHAPE, TAPS, T5_TOKENS as MID_T5_TOKENS, save_pipeline
+
+        generator, tokens, model_config, latent_shape = directory / "generator", MID_T5_TOKENS, TAPS, LATENT_SHAPE
+        save_pipeline(generator)
+    else:
+        generator, tokens, model_config, latent_shape = GENERATOR, T5_TOKENS, DEMO_MODEL, None
+    pipe = load_pipeline(generator)
+    model = DiNaLRM(DiNaConfig.from_dict({"model": model_config, "data": {"train": {"max_sequence_length": tokens}}}), pipe.transformer)
+    model.save_pretrained(directory / "reward")
+    latent_shape = latent_shape or (model.base_backbone.latent_channels, 16, 16)
+    return Scorer.from_model(model, pipe), generator, latent_shape
 
 
-def workload(scorer: Scorer, count: int) -> list[dict]:
+def workload(scorer: Scorer, count: int, latent_shape: tuple[int, ...]) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
-    channels = scorer.model.base_backbone.latent_channels
     states, pooled = scorer.prompt_encoder(PROMPTS)
     return [
-        {"latents": torch.randn(1, channels, 16, 16, generator=generator), "prompt_embeds": states[i % 4 : i % 4 + 1],
+        {"latents": torch.randn(1, *latent_shape, generator=generator), "prompt_embeds": states[i % 4 : i % 4 + 1],
          "pooled_prompt_embeds": pooled[i % 4 : i % 4 + 1], "u": 0.4, "seeds": [i]}
         for i in range(count)
     ]
@@ -76,9 +86,9 @@ def in_process_rate(scorer: Scorer, items: list[dict], batch: int, repeats: int 
     return repeats * len(items) / (time.perf_counter() - start)
 
 
-def start_server(reward_dir: Path, max_batch: int, max_wait_ms: float, *options: str) -> tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "dina_lrm", "serve", "--reward", str(reward_dir), "--model", str(GENERATOR), "--port", "0",
-               "--max-batch-size", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--max-sequence-length", str(T5_TOKENS), *options]
+def start_server(reward_dir: Path, generator: Path, max_batch: int, max_wait_ms: float, *options: str) -> tuple[subprocess.Popen, str]:
+    command = [sys.executable, "-m", "dina_lrm", "serve", "--reward", str(reward_dir), "--model", str(generator), "--port", "0",
+               "--max-batch-size", str(max_batch), "--max-wait-ms", str(max_wait_ms), *options]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     banner = process.stdout.readline()
     if "http://" not in banner:
@@ -87,7 +97,7 @@ def start_server(reward_dir: Path, max_batch: int, max_wait_ms: float, *options:
     return process, banner.split("on ", 1)[1].split(" ", 1)[0]
 
 
-def load_test(url: str, items: list[dict], clients: int, requests: int, seconds: float) -> dict:
+def load_test(url: str, items: list[dict], clients: int, requests: int) -> dict:
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     lock, warmed, go = threading.Lock(), threading.Barrier(clients + 1), threading.Barrier(clients + 1)
@@ -97,10 +107,8 @@ def load_test(url: str, items: list[dict], clients: int, requests: int, seconds:
         connection.score(**items[index % len(items)])  # warm the connection and the server
         warmed.wait()
         go.wait()
-        mine, failed, begin = [], Counter(), time.perf_counter()
+        mine, failed = [], Counter()
         for n in range(requests):
-            if time.perf_counter() - begin > seconds:
-                break
             sent = time.perf_counter()
             try:
                 connection.score(**items[(index * requests + n) % len(items)])
@@ -178,9 +186,10 @@ def big_prompt_run(url: str, pid: int, latents: torch.Tensor, chars: int = 20_00
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=["toy", "mid"], default="toy")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=40, help="per client")
-    parser.add_argument("--seconds", type=float, default=30.0, help="per server mode")
+    parser.add_argument("--no-careless", dest="careless", action="store_false", help="skip the careless-client runs")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--burst-clients", type=int, default=32)
@@ -189,34 +198,39 @@ def main() -> None:
     parser.add_argument("--idle-timeout-s", type=float, default=2.0)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        scorer, generator, latent_shape = build_reward(Path(tmp), args.shape)
         reward_dir = Path(tmp) / "reward"
-        scorer = build_reward(reward_dir)
-        items = workload(scorer, 64)
+        items = workload(scorer, 64, latent_shape)
         rows = [("in-process, batch 1", {"req_per_s": in_process_rate(scorer, items, 1)}),
                 (f"in-process, batch {args.max_batch}", {"req_per_s": in_process_rate(scorer, items, args.max_batch)})]
         for label, max_batch in (("server, no micro-batching", 1), (f"server, micro-batching ({args.max_batch}, {args.max_wait_ms:g} ms)", args.max_batch)):
-            process, url = start_server(reward_dir, max_batch, args.max_wait_ms)
+            process, url = start_server(reward_dir, generator, max_batch, args.max_wait_ms)
             try:
-                rows.append((label, load_test(url, items, args.clients, args.requests, args.seconds)))
+                rows.append((label, load_test(url, items, args.clients, args.requests)))
             finally:
                 process.terminate()
                 process.wait()
-        process, url = start_server(reward_dir, args.max_batch, args.max_wait_ms, "--idle-timeout-s", str(args.idle_timeout_s))
-        try:
-            burst = load_test(url, items, args.burst_clients, args.burst_requests, float("inf"))
-            stalled = stalled_run(url, items, args.stalled)
-            big = big_prompt_run(url, process.pid, items[0]["latents"])
-        finally:
-            process.terminate()
-            process.wait()
-    print(f"\n{args.clients} concurrent clients, 1 item (16x16x4 latent) per request, toy generator, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads\n")
+        if args.careless:
+            process, url = start_server(reward_dir, generator, args.max_batch, args.max_wait_ms, "--idle-timeout-s", str(args.idle_timeout_s))
+            try:
+                burst = load_test(url, items, args.burst_clients, args.burst_requests)
+                stalled = stalled_run(url, items, args.stalled)
+                big = big_prompt_run(url, process.pid, items[0]["latents"])
+            finally:
+                process.terminate()
+                process.wait()
+    print(f"\n{args.clients} concurrent clients x {args.requests} requests, 1 item ({'x'.join(map(str, latent_shape))} latent) per "
+          f"request, {args.shape} model, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print(f"| {'mode':<40} | items/s | p50 ms | p99 ms | passes by batch size |")
     print(f"|{'-' * 42}|---------|--------|--------|----------------------|")
     for label, row in rows:
         latency = f"{row['p50_ms']:6.1f} | {row['p99_ms']:6.1f}" if "p50_ms" in row else f"{'-':>6} | {'-':>6}"
         histogram = ", ".join(f"{size}: {count}" for size, count in row.get("histogram", {}).items()) or "-"
         print(f"| {label:<40} | {row['req_per_s']:7.1f} | {latency} | {histogram} |")
+    batched, served = rows[1][1]["req_per_s"], rows[3][1]["req_per_s"]
+    print(f"\nserver with micro-batching / in-process batched: {served / batched:.0%}")
+    if not args.careless:
+        return
     failed = sum(burst["errors"].values())
     print(f"\nCareless clients (server defaults, idle timeout {args.idle_timeout_s:g} s):\n")
     print("| run | result |\n|---|---|")

@@ -75,6 +75,11 @@ def test_batched_ensemble_equals_per_level_loop(pipe, text_inputs):
     torch.testing.assert_close(as_lists, batched, rtol=0, atol=0)
     single = model.forward_ensemble(latents[:1], *text_inputs, timesteps[:1])
     torch.testing.assert_close(single, model(latents[0], *text_inputs, timesteps[0]), rtol=1e-5, atol=1e-6)
+    for bound in (1, 2, 4, 6, 100):  # split the batch, one level per pass, several levels, all levels at once
+        bounded = model.forward_ensemble(latents, *text_inputs, timesteps, max_batch_items=bound)
+        torch.testing.assert_close(bounded, looped, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="max_batch_items must be >= 1"):
+        model.forward_ensemble(latents, *text_inputs, timesteps, max_batch_items=0)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"use_lora": False, "freeze_backbone": False}, {"use_lora": False, "freeze_backbone": True}])

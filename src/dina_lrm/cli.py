@@ -66,7 +66,8 @@ def run_score(args) -> int:
     from dina_lrm.scorer import DTYPES, Scorer
 
     scorer = Scorer.from_pretrained(
-        args.reward, args.model, device=args.device, dtype=DTYPES[args.dtype], max_sequence_length=args.max_sequence_length
+        args.reward, args.model, device=args.device, dtype=DTYPES[args.dtype], max_sequence_length=args.max_sequence_length,
+        autocast=args.autocast,
     )
     result = scorer.score(
         [p for p, _ in pairs],
@@ -164,7 +165,7 @@ def run_eval(args) -> int:
 
 
 SERVE_FLAGS = {name: name for name in (
-    "reward", "model", "host", "port", "device", "dtype", "max_batch_size", "max_wait_ms", "max_request_mb", "default_u",
+    "reward", "model", "host", "port", "device", "dtype", "autocast", "compile", "max_batch_size", "max_wait_ms", "max_request_mb", "default_u",
     "max_sequence_length", "max_prompts", "max_prompt_chars", "idle_timeout_s", "header_timeout_s", "body_timeout_s",
     "max_connections", "backlog", "api_key",
 )}
@@ -275,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--seed", type=int, default=0)
     score.add_argument("--device", default="cpu")
     score.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
+    score.add_argument("--autocast", choices=["bf16", "fp16"], help="run the backbone in half precision, the head in --dtype")
     score.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: the number the reward model was trained with)")
     score.add_argument("--json", action="store_true", help="machine-readable output")
     score.set_defaults(func=run_score)
@@ -351,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="default 8000; 0 picks a free port (printed at start)")
     serve.add_argument("--device", help="default cpu")
     serve.add_argument("--dtype", choices=DTYPE_NAMES, help="default float32")
+    serve.add_argument("--autocast", choices=["bf16", "fp16"], help="run the backbone in half precision, the head in --dtype")
+    serve.add_argument("--compile", action="store_true", default=None, help="torch.compile the kept blocks")
     serve.add_argument("--max-batch-size", type=int, help="items per backbone pass (default 8)")
     serve.add_argument("--max-wait-ms", type=float, help="how long a request may wait for others to batch with (default 10)")
     serve.add_argument("--max-request-mb", type=float, help="larger request bodies get HTTP 413 (default 64)")

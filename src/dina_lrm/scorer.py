@@ -22,6 +22,8 @@ from dina_lrm.noise import SigmaTable, add_noise
 
 SCORE_OFFSET, SCORE_SCALE = 10.0, 10.0
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+VAE_BATCH = 16  # images per VAE encoder pass
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the backbone under autocast, the head in the model's dtype
 
 
 def normalize_score(raw: torch.Tensor) -> torch.Tensor:
@@ -49,23 +51,27 @@ class Scorer:
     and every level and draw runs through the backbone as one batch.
     """
 
-    def __init__(self, model: DiNaLRM, prompt_encoder: CachedPromptEncoder, sigma_table: SigmaTable, vae=None):
+    def __init__(self, model: DiNaLRM, prompt_encoder: CachedPromptEncoder, sigma_table: SigmaTable, vae=None,
+                 max_batch_items: int | None = None):
         self.model = model.eval()
         self.prompt_encoder = prompt_encoder
         self.sigma_table = sigma_table
         self.vae = vae
+        self.max_batch_items = max_batch_items  # latents per backbone pass of an ensemble (DiNaLRM.forward_ensemble)
 
     @classmethod
-    def from_model(cls, model: DiNaLRM, pipe, max_sequence_length: int | None = None) -> Scorer:
+    def from_model(cls, model: DiNaLRM, pipe, max_sequence_length: int | None = None, max_batch_items: int | None = None) -> Scorer:
         """A scorer around an in-memory model, with ``pipe``'s text encoders, VAE and sigma table.
-        ``max_sequence_length``: T5 tokens; by default the number the model was trained with."""
+        ``max_sequence_length``: T5 tokens; by default the number the model was trained with.
+        ``max_batch_items``: see :meth:`DiNaLRM.forward_ensemble` (default: one level's batch per pass)."""
         length = text_length(model, max_sequence_length)
         encoder = prompt_encoder_for(pipe.transformer).from_pipeline(pipe, max_sequence_length=length)
-        return cls(model, encoder, SigmaTable.from_scheduler(pipe.scheduler), vae=pipe.vae)
+        return cls(model, encoder, SigmaTable.from_scheduler(pipe.scheduler), vae=pipe.vae, max_batch_items=max_batch_items)
 
     @classmethod
-    def from_pipeline(cls, reward_dir: str | Path, pipe, max_sequence_length: int | None = None) -> Scorer:
-        return cls.from_model(DiNaLRM.from_pretrained(reward_dir, pipe.transformer), pipe, max_sequence_length)
+    def from_pipeline(cls, reward_dir: str | Path, pipe, max_sequence_length: int | None = None,
+                      max_batch_items: int | None = None) -> Scorer:
+        return cls.from_model(DiNaLRM.from_pretrained(reward_dir, pipe.transformer), pipe, max_sequence_length, max_batch_items)
 
     @classmethod
     def from_pretrained(
@@ -76,13 +82,24 @@ class Scorer:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         max_sequence_length: int | None = None,
+        max_batch_items: int | None = None,
+        autocast: str | None = None,
+        compile: bool = False,
     ) -> Scorer:
-        """``pipeline_or_model_id``: a loaded diffusers pipeline, a local pipeline directory or a hub id."""
+        """``pipeline_or_model_id``: a loaded diffusers pipeline, a local pipeline directory or a hub id.
+        ``autocast``: "bf16" or "fp16" runs the backbone in half precision, the head in ``dtype``;
+        ``compile``: ``torch.compile`` the kept blocks (docs/performance.md measures both)."""
+        if autocast is not None and autocast not in AUTOCAST:
+            raise ValueError(f"unknown autocast {autocast!r}; choose one of {sorted(AUTOCAST)}")
         pipe = pipeline_or_model_id
         if isinstance(pipe, (str, Path)):
             pipe = load_pipeline(pipe, dtype)
         pipe.to(device)
-        return cls.from_pipeline(reward_dir, pipe, max_sequence_length)
+        scorer = cls.from_pipeline(reward_dir, pipe, max_sequence_length, max_batch_items)
+        scorer.model.enable_autocast(AUTOCAST[autocast] if autocast else None)
+        if compile:
+            scorer.model.compile_blocks()
+        return scorer
 
     @property
     def latent_multiple(self) -> int:
@@ -90,10 +107,22 @@ class Scorer:
         return vae_scale_factor(self.vae) * self.model.base_backbone.patch_size
 
     def encode_images(self, images) -> list[torch.Tensor]:
-        """Normalised VAE latents (1, C, h, w) per image, center-cropped to a valid size."""
+        """Normalised VAE latents (1, C, h, w) per image, center-cropped to a valid size; images of one
+        size are encoded as one batch (at most ``VAE_BATCH`` at a time)."""
         if self.vae is None:
             raise ValueError("this scorer has no VAE: pass latents, or build it from a pipeline")
-        return [vae_encode(self.vae, center_crop_to_multiple(image, self.latent_multiple)[None]) for image in load_images(images)]
+        cropped = [center_crop_to_multiple(image, self.latent_multiple) for image in load_images(images)]
+        by_size: dict[tuple, list[int]] = {}
+        for i, image in enumerate(cropped):
+            by_size.setdefault(tuple(image.shape), []).append(i)
+        latents: list[torch.Tensor | None] = [None] * len(cropped)
+        for index in by_size.values():
+            for start in range(0, len(index), VAE_BATCH):
+                part = index[start:start + VAE_BATCH]
+                encoded = vae_encode(self.vae, torch.stack([cropped[i] for i in part]))
+                for i, latent in zip(part, encoded):
+                    latents[i] = latent[None]
+        return latents
 
     def score(
         self,
@@ -214,6 +243,7 @@ class Scorer:
             states.repeat(n_draws, 1, 1),
             pooled.repeat(n_draws, 1),
             timesteps.to(model.device).view(levels, 1).expand(levels, n_draws * batch),
+            max_batch_items=self.max_batch_items,
         )
         return scores.view(n_draws, batch, -1)[..., 0].mean(dim=0)
 

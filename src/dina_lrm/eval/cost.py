@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import resource
 import threading
+import weakref
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from dina_lrm.eval.reward_fn import Setting
@@ -60,7 +66,8 @@ def scoring_flops(model: DiNaLRM, latent_shape: tuple[int, int, int], text_token
     return setting.draws * one_draw
 
 
-def _resident_bytes() -> int:
+def resident_bytes() -> int:
+    """The process's resident set now (Linux; elsewhere its peak so far)."""
     statm = Path("/proc/self/statm")
     if statm.is_file():
         return int(statm.read_text().split()[1]) * resource.getpagesize()
@@ -78,13 +85,13 @@ class MemoryMeter:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.005):
-            self.peak_bytes = max(self.peak_bytes, _resident_bytes())
+            self.peak_bytes = max(self.peak_bytes, resident_bytes())
 
     def __enter__(self) -> MemoryMeter:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            self.peak_bytes = _resident_bytes()
+            self.peak_bytes = resident_bytes()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
@@ -95,7 +102,7 @@ class MemoryMeter:
         else:
             self._stop.set()
             self._thread.join()
-            self.peak_bytes = max(self.peak_bytes, _resident_bytes())
+            self.peak_bytes = max(self.peak_bytes, resident_bytes())
 
     @property
     def peak_mib(self) -> float:
@@ -108,3 +115,116 @@ def count_flops(fn) -> int:
     with mode:
         fn()
     return mode.get_total_flops()
+
+
+class LiveActivations(TorchDispatchMode):
+    """Peak bytes of the tensors an operation sequence keeps alive at once (outputs that are not
+    views), followed through their garbage collection; works on the ``meta`` device."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(result.alias_info is not None for result in func._schema.returns):
+            return out  # a view (or an in-place result) holds no new memory
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                size = tensor.numel() * tensor.element_size()
+                self.live += size
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(tensor, self._release, size)
+        return out
+
+    def _release(self, size: int) -> None:
+        self.live -= size
+
+
+class _FlashAttention(torch.autograd.Function):
+    """Scaled dot-product attention that keeps what a fused (flash) kernel keeps for its backward -
+    q, k, v, the output and the log-sum-exp - and recomputes the attention there; the meta device's
+    own SDPA is the unfused math path, which would keep the full attention matrix."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, kwargs):
+        ctx.kwargs = kwargs
+        out = _ORIGINAL_SDPA(query, key, value, **kwargs)
+        lse = torch.empty(query.shape[:-1], dtype=torch.float32, device=query.device)
+        ctx.save_for_backward(query, key, value, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, value, _, _ = ctx.saved_tensors
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_(t.requires_grad) for t in (query, key, value)]
+            out = _ORIGINAL_SDPA(*inputs, **ctx.kwargs)
+            needed = [t for t in inputs if t.requires_grad]
+            grads = iter(torch.autograd.grad(out, needed, grad))
+        return (*[next(grads) if t.requires_grad else None for t in inputs], None)
+
+
+_ORIGINAL_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+@contextmanager
+def flash_attention(compute: bool = True):
+    """Within: every ``F.scaled_dot_product_attention`` keeps only what a flash kernel keeps. With
+    ``compute=False`` it only allocates its output (no attention matrix, no FLOPs): the memory of a
+    fused forward."""
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if not compute:
+            return query.new_empty(*query.shape[:-1], value.shape[-1])
+        kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        return _FlashAttention.apply(query, key, value, kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = _ORIGINAL_SDPA
+
+
+@dataclass
+class ModuleCost:
+    """What one call of a module costs, measured on the ``meta`` device (nothing is allocated)."""
+
+    forward_flops: int
+    backward_flops: int  # gradient to the input only (the module's weights frozen, as a reward in ReFL)
+    parameter_bytes: int
+    saved_activation_bytes: int  # kept by autograd between the forward and the backward
+    forward_activation_bytes: int  # peak of live activations in a forward without autograd
+
+
+def module_cost(module: nn.Module, make_input: Callable[[], torch.Tensor], call: Callable | None = None) -> ModuleCost:
+    """Cost of ``call(module, input)`` (default ``module(input)``, its output's sum as the loss) for a
+    module built on the ``meta`` device; ``make_input`` builds the input there. FLOPs count a
+    multiply-add as 2 (torch's counter); attention is accounted as a fused kernel keeps it
+    (:func:`flash_attention`), so its backward FLOPs include the recomputed attention."""
+    call = call or (lambda m, x: m(x))
+    module.requires_grad_(False)
+    with torch.no_grad(), flash_attention(compute=False), LiveActivations() as live:
+        call(module, make_input())
+    forward = count_flops(lambda: call(module, make_input()))
+    saved = []
+
+    def pack(tensor):
+        if not isinstance(tensor, nn.Parameter) and not isinstance(tensor._base, nn.Parameter):  # weights are counted once, above
+            saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    x = make_input().requires_grad_(True)
+    with FlopCounterMode(display=False) as counter, flash_attention():
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out = call(module, x)
+        forward_with_graph = counter.get_total_flops()
+        _sum(out).backward()
+    return ModuleCost(forward, counter.get_total_flops() - forward_with_graph,
+                      sum(p.numel() * p.element_size() for p in module.parameters()), sum(saved), live.peak)
+
+
+def _sum(out) -> torch.Tensor:
+    tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+    return sum(t.float().sum() for t in tensors)

@@ -26,6 +26,10 @@ class BackboneOutput:
     text: list[torch.Tensor]  # per text tap: (B, N_text_tokens, D)
     text_mask: torch.Tensor | None = None  # (B, N_text_tokens) bool, False on padding that fills out a batch
 
+    def to(self, dtype: torch.dtype) -> BackboneOutput:
+        """The features and temb in ``dtype`` (the mask stays boolean)."""
+        return BackboneOutput(self.temb.to(dtype), [t.to(dtype) for t in self.visual], [t.to(dtype) for t in self.text], self.text_mask)
+
     def chunk(self, parts: int) -> list[BackboneOutput]:
         """Split along the batch into ``parts`` equal outputs (undoes a concatenated batch)."""
         temb = self.temb.chunk(parts)

@@ -138,8 +138,11 @@ class RewardHead(nn.Module):
         """Multi-noise-level ensemble: each level's tokens (built with its own temb) are concatenated
         along the sequence, and the queries read them all in one pass. ``text_mask`` is the (B, N_text)
         mask of one level (every level reads the same prompts)."""
-        per_level = [self.tokens(visual, text, temb) for visual, text, temb in levels]
+        return self.score_levels([self.tokens(visual, text, temb) for visual, text, temb in levels], text_mask)
+
+    def score_levels(self, per_level: list[tuple[torch.Tensor, torch.Tensor | None]], text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The ensemble score from each level's adapter tokens (:meth:`tokens`)."""
         visual = torch.cat([v for v, _ in per_level], dim=1)
         text = None if per_level[0][1] is None else torch.cat([t for _, t in per_level], dim=1)
-        text_mask = None if text_mask is None else text_mask.repeat(1, len(levels))
+        text_mask = None if text_mask is None else text_mask.repeat(1, len(per_level))
         return self.score_tokens(visual, text, text_mask)

@@ -52,6 +52,7 @@ class DiNaLRM(nn.Module):
         else:
             backbone.requires_grad_(model_cfg.backbone_mode == "full")
         self.backbone = backbone
+        self.autocast_dtype: torch.dtype | None = None  # enable_autocast
         reference = next(transformer.parameters())
         base = self.base_backbone
         self.reward_head = RewardHead(
@@ -71,7 +72,23 @@ class DiNaLRM(nn.Module):
         return next(self.reward_head.parameters()).dtype
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each kept block in the backward pass instead of storing its activations."""
         self.base_backbone.gradient_checkpointing = enabled
+
+    def enable_autocast(self, dtype: torch.dtype | None = torch.bfloat16) -> None:
+        """Run the backbone under autocast to ``dtype`` (bfloat16 or float16; None turns it off). The
+        head keeps its own precision: the features are cast back to it before the head reads them."""
+        if dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"autocast takes torch.bfloat16 or torch.float16, got {dtype}")
+        self.autocast_dtype = dtype
+
+    def compile_blocks(self, **options) -> None:
+        """``torch.compile`` every kept block in place (``options`` go to ``torch.compile``). The first
+        call at each input shape compiles; the embeddings and the head stay eager."""
+        for blocks in self.base_backbone.children():
+            if isinstance(blocks, nn.ModuleList):
+                for block in blocks:
+                    block.compile(**options)
 
     def check_latents(self, latents: torch.Tensor) -> None:
         backbone = self.base_backbone
@@ -109,29 +126,53 @@ class DiNaLRM(nn.Module):
     def features(self, latents, encoder_hidden_states, pooled_projections, timesteps) -> BackboneOutput:
         self.check_inputs(latents, encoder_hidden_states, pooled_projections)
         timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
-        return self.backbone(latents, encoder_hidden_states, pooled_projections, timesteps)
+        if self.autocast_dtype is None:
+            return self.backbone(latents, encoder_hidden_states, pooled_projections, timesteps)
+        with torch.autocast(latents.device.type, dtype=self.autocast_dtype):
+            out = self.backbone(latents, encoder_hidden_states, pooled_projections, timesteps)
+        return out.to(self.dtype)
 
     def forward(self, latents, encoder_hidden_states, pooled_projections, timesteps) -> torch.Tensor:
         out = self.features(latents, encoder_hidden_states, pooled_projections, timesteps)
         return self.reward_head(out.visual, out.text, out.temb, out.text_mask)
 
-    def forward_ensemble(self, latents, encoder_hidden_states, pooled_projections, timesteps) -> torch.Tensor:
+    def forward_ensemble(self, latents, encoder_hidden_states, pooled_projections, timesteps,
+                         max_batch_items: int | None = None) -> torch.Tensor:
         """Multi-noise-level score (B, 1). ``latents``: (K, B, C, H, W) or K tensors (B, C, H, W), one
         per noise level; ``timesteps``: (K, B), (K,), or K tensors of shape (B,) (the authors' form).
-        The K levels run through the backbone as one batch, and the head reads all their tokens at once."""
+        The head reads all K levels' tokens at once.
+
+        ``max_batch_items`` bounds the latents one backbone pass holds: by default one level's batch
+        (B), so the peak memory is the per-level loop's; a larger bound runs several levels as one
+        batch (faster where per-pass overhead dominates, e.g. small batches on a GPU, at K times the
+        activation memory), a smaller one also splits the batch. Each level's features become the
+        head's small adapter tokens as soon as they are computed; scores do not depend on the bound."""
         latents = torch.stack(list(latents)) if not torch.is_tensor(latents) else latents
         levels, batch = latents.shape[:2]
         if isinstance(timesteps, (list, tuple)) and timesteps and torch.is_tensor(timesteps[0]):
             timesteps = torch.stack([t.reshape(-1) for t in timesteps])
         timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(levels, -1).expand(levels, batch)
-        out = self.features(
-            latents.flatten(0, 1),
-            encoder_hidden_states.repeat(levels, 1, 1),
-            pooled_projections.repeat(levels, 1),
-            timesteps.reshape(-1),
-        )
-        chunks = out.chunk(levels)
-        return self.reward_head.forward_ensemble([(o.visual, o.text, o.temb) for o in chunks], chunks[0].text_mask)
+        bound = batch if max_batch_items is None else max_batch_items
+        if bound < 1:
+            raise ValueError(f"max_batch_items must be >= 1, got {bound}")
+        if batch > bound:
+            parts = [slice(i, i + bound) for i in range(0, batch, bound)]
+            return torch.cat([self.forward_ensemble(latents[:, part], encoder_hidden_states[part], pooled_projections[part],
+                                                    timesteps[:, part], bound) for part in parts])
+        per_pass = bound // batch
+        tokens, text_mask = [], None
+        for first in range(0, levels, per_pass):
+            count = min(per_pass, levels - first)
+            out = self.features(
+                latents[first:first + count].flatten(0, 1),
+                encoder_hidden_states.repeat(count, 1, 1),
+                pooled_projections.repeat(count, 1),
+                timesteps[first:first + count].reshape(-1),
+            )
+            for level in out.chunk(count):
+                tokens.append(self.reward_head.tokens(level.visual, level.text, level.temb))
+                text_mask = level.text_mask
+        return self.reward_head.score_levels(tokens, text_mask)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the release layout: config.json and checkpoint/{rm_head.safetensors, rm_head.pt, backbone_lora/}

@@ -30,7 +30,7 @@ import torch
 import dina_lrm
 from dina_lrm.config import from_dict
 from dina_lrm.losses import thurstone_variance
-from dina_lrm.scorer import DTYPES, SCORE_OFFSET, SCORE_SCALE, Scorer
+from dina_lrm.scorer import AUTOCAST, DTYPES, SCORE_OFFSET, SCORE_SCALE, Scorer
 from dina_lrm.serve.batcher import MicroBatcher, WorkItem
 from dina_lrm.serve.protocol import (
     PROTOCOL_HEADER,
@@ -54,6 +54,8 @@ class ServeConfig:
     port: int = 8000
     device: str = "cpu"
     dtype: str = "float32"
+    autocast: str = ""  # "bf16" / "fp16": the backbone in half precision, the head in dtype
+    compile: bool = False  # torch.compile the kept blocks (the first batch of each shape compiles)
     max_batch_size: int = 8  # items per backbone pass
     max_wait_ms: float = 10.0  # how long the oldest waiting item may wait for others
     max_request_mb: float = 64.0  # larger bodies get 413
@@ -77,6 +79,8 @@ class ServeConfig:
             raise ValueError("serve needs --reward (reward model directory) and --model (its generator)")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {sorted(DTYPES)}")
+        if self.autocast not in ("", *AUTOCAST):
+            raise ValueError(f"unknown autocast {self.autocast!r}; choose one of {sorted(AUTOCAST)}")
         if self.max_request_mb <= 0 or not 0 <= self.default_u <= 1:
             raise ValueError("max_request_mb must be > 0 and default_u in [0, 1]")
         positive = ("max_prompts", "max_prompt_chars", "idle_timeout_s", "header_timeout_s", "body_timeout_s", "max_connections", "backlog")
@@ -524,7 +528,8 @@ def make_server(service: RewardService, host: str = "127.0.0.1", port: int = 0) 
 def load_service(config: ServeConfig) -> RewardService:
     config.validate()
     scorer = Scorer.from_pretrained(
-        config.reward, config.model, device=config.device, dtype=DTYPES[config.dtype], max_sequence_length=config.max_sequence_length
+        config.reward, config.model, device=config.device, dtype=DTYPES[config.dtype], max_sequence_length=config.max_sequence_length,
+        autocast=config.autocast or None, compile=config.compile,
     )
     return RewardService(scorer, config)
 
