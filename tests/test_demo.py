@@ -22,7 +22,7 @@ def test_shipped_generator_is_small_and_loads():
 
 def test_tiny_end_to_end_demo(tmp_path):
     data = PreferenceDataConfig(train_prompts=6, test_prompts=4, samples_per_prompt=3, sampling_steps=3, batch_size=16)
-    config = DemoConfig(data=data, steps=2, eval_every=1, monitor_pairs=8, benchmark_prompts=3)
+    config = DemoConfig(data=data, steps=2, eval_every=1, monitor_pairs=8, benchmark_prompts=3, search_prompts=2)
     summary = run_demo(tmp_path, config)
     accuracy = summary["accuracy"]
     for name in DINA_LOSSES:
@@ -36,6 +36,11 @@ def test_tiny_end_to_end_demo(tmp_path):
     assert "| DiNa-LRM (Thurstone) |" in (tmp_path / "report.md").read_text()
     assert "[eval/report.md](eval/report.md)" in (tmp_path / "report.md").read_text()
     assert 0 <= summary["benchmark_eval"]["settings"]["DiNa-LRM u=0.4"]["accuracy"] <= 1
+    search = summary["search"]["rows"]
+    assert len(summary["search"]["prompts"]) == 2 and "## Reward-guided sampling" in (tmp_path / "report.md").read_text()
+    assert all(0 <= v <= 1 for row in search.values() for v in row["judge"])
+    assert search["best-of-16, judge (ceiling)"]["judge"] >= search["plain sampling"]["judge"]  # per prompt: the judge picks its best
+    assert search["prune-and-continue n=16 keep=4 at 0.8, DiNa-LRM"]["gflops"] < search["best-of-16, DiNa-LRM (clean, u=0.4)"]["gflops"]
     assert all(h[-1]["step"] == 2 for name, h in summary["histories"].items() if name != PIXEL_METHOD)
     assert [h["step"] for h in summary["histories"]["DiNa-LRM (Thurstone)"] if "heldout_accuracy" in h] == [0, 1, 2]
     assert 1 <= summary["histories"][PIXEL_METHOD][-1]["step"] < 2  # its step costs more FLOPs than DiNa-LRM's

@@ -239,6 +239,40 @@ def run_demo(args) -> int:
     return 0
 
 
+def run_sample(args) -> int:
+    prompts = [args.prompt] if args.prompt else [p.strip() for p in Path(args.prompts).read_text().splitlines() if p.strip()] if args.prompts else []
+    if not prompts:
+        raise ValueError("give --prompt TEXT or --prompts FILE (one prompt per line)")
+    if args.toy:
+        if args.reward or args.model:
+            raise ValueError("--toy picks the shipped toy reward model and generator; leave out --reward and --model")
+        from dina_lrm.toyworld.demo import SHIPPED_GENERATOR, SHIPPED_REWARD
+        from dina_lrm.toyworld.generator import T5_TOKENS
+
+        args.reward, args.model = str(SHIPPED_REWARD), str(SHIPPED_GENERATOR)
+        args.max_sequence_length = args.max_sequence_length or T5_TOKENS
+    elif not (args.reward and args.model):
+        raise ValueError("give --reward DIR (or hub id) and --model (its generator), or --toy")
+    from dina_lrm.outputs import claim_output
+    from dina_lrm.scorer import DTYPES, load_pipeline
+    from dina_lrm.search import Searcher, SearchConfig, write_results
+
+    options = {k: getattr(args, k) for k in ("strategy", "n", "keep", "at", "steps", "guidance_scale", "max_sequence_length", "seed")
+               if getattr(args, k) is not None}
+    config = SearchConfig(**options)
+    config.validate()
+    out = Path(args.out)
+    claim_output(out, "sample", {"config": vars(config), "prompts": prompts, "reward": args.reward, "model": args.model},
+                 ["*.png", "search.json"], overwrite=args.overwrite)
+    pipe = load_pipeline(args.model, DTYPES[args.dtype]).to(args.device)
+    searcher = Searcher.from_pretrained(args.reward, pipe, config)
+    results = [searcher.run(prompt, seed=config.seed + i, progress=True) for i, prompt in enumerate(prompts)]
+    paths = write_results(results, pipe.vae, out, config)
+    calls = sum(r.transformer_calls for r in results)
+    print(f"Wrote {len(paths)} images, search.json and contact_sheet.png to {out} ({calls} candidate steps through the generator)")
+    return 0
+
+
 def run_pretrain(args) -> int:
     from dina_lrm.toyworld.pretrain import PretrainConfig, pretrain
 
@@ -342,6 +376,27 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-sequence-length", type=int, help="T5 tokens, as the reward model was trained (default 128)")
     evaluate.add_argument("--reference-size", type=int, help="encode at buckets of about SIZE^2 pixels (default: the generator's)")
     evaluate.set_defaults(func=run_eval)
+
+    sample = commands.add_parser("sample", help="reward-guided sampling: start N candidates, prune them on their noisy latents "
+                                 "with the reward, finish the best (see docs/search.md)")
+    sample.add_argument("--reward", help="DiNa-LRM directory or hub id (of the generator's backbone)")
+    sample.add_argument("--model", help="the generator pipeline (SD3 / SD3.5): local directory or hub id")
+    sample.add_argument("--toy", action="store_true", help="the shipped toy reward and generator")
+    sample.add_argument("--prompt", help="one prompt")
+    sample.add_argument("--prompts", help="a text file, one prompt per line")
+    sample.add_argument("--strategy", choices=["best_of_n", "prune", "beam"], help="default prune")
+    sample.add_argument("--n", type=int, help="candidates per prompt (default 16)")
+    sample.add_argument("--keep", type=int, help="survivors after the last checkpoint (default 4)")
+    sample.add_argument("--at", type=parse_levels, help="checkpoint sigmas, decreasing, e.g. 0.6,0.3 (default)")
+    sample.add_argument("--steps", type=int, help="sampling steps (default 28)")
+    sample.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default 4.5)")
+    sample.add_argument("--max-sequence-length", type=int, help="T5 tokens of the generator's text (default 128; --toy: the toy's)")
+    sample.add_argument("--seed", type=int, help="prompt i uses seed + i (default 0)")
+    sample.add_argument("--device", default="cpu")
+    sample.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
+    sample.add_argument("--out", required=True, help="folder for the images, search.json and contact_sheet.png")
+    sample.add_argument("--overwrite", action="store_true", help="replace an earlier sample run with other settings in --out")
+    sample.set_defaults(func=run_sample)
 
     serve = commands.add_parser("serve", help="HTTP reward server for latents, micro-batched (see docs/serving.md)")
     serve.add_argument("--config", help="YAML with ServeConfig keys; flags override it")

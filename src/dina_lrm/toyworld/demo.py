@@ -48,6 +48,7 @@ from dina_lrm.toyworld.preferences import (
 from dina_lrm.toyworld.pretrain import PretrainConfig, pretrain, reconstruction_psnr
 from dina_lrm.toyworld.report import write_report
 from dina_lrm.toyworld.rewards import save_pixel_reward
+from dina_lrm.toyworld.search_experiment import run_search_experiment
 from dina_lrm.toyworld.scenes import render, sample_prompts, scene_for
 from dina_lrm.train.pairs import FitConfig, PairBatches, fit_pairs, step_flops
 from dina_lrm.train.step import preference_step
@@ -77,6 +78,7 @@ class DemoConfig:
     eval_every: int = 50  # steps between evaluations on the monitor pairs
     ensemble_levels: tuple[float, ...] = (0.2, 0.5, 0.7)  # the paper's test-time ensemble
     benchmark_prompts: int = 100  # the judge-ranked benchmark `dina-lrm eval` runs on at the end
+    search_prompts: int = 32  # held-out prompts of the reward-guided sampling experiment
     seed: int = 0
 
 
@@ -277,6 +279,9 @@ def run_demo(
         eval_config = EvalConfig(format="hpdv2", input=str(benchmark), out=str(out / "eval"), reward=str(reward_dir),
                                  model=str(generator_dir), seed=config.seed)
         benchmark_eval = evaluate(eval_config, pipe=pipe, overwrite=True)  # the demo's own folder, claimed above
+    with timed(timings, "reward-guided sampling"):
+        fresh = load_pipeline(generator_dir)  # the demo's pipe carries the trained models' LoRA layers; the generator samples without
+        search = run_search_experiment(fresh, reward_dir, pixel_model, prompts=config.search_prompts, seed=config.seed + 7, progress=False)
     summary = {
         "config": asdict(config),
         "generator": str(generator_dir),
@@ -289,6 +294,7 @@ def run_demo(
             "DiNa-LRM trainable": parameter_count(models["DiNa-LRM (Thurstone)"], trainable=True),
             "pixel reward": parameter_count(pixel_model),
         },
+        "search": search,
         "histories": histories,
         "timings_s": timings,
     }

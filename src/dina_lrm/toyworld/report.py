@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from dina_lrm.scorer import Scorer
+from dina_lrm.toyworld.search_experiment import search_markdown
 
 GRID_SAMPLES = 16
 SAMPLE_U = 0.4
@@ -168,6 +169,13 @@ def write_report(out: Path, summary: dict, samples, scorer: Scorer) -> str:
         f"Held-out generator samples, judge score and DiNa-LRM reward (normalised, u={SAMPLE_U}):",
         "",
         "![samples](samples.png)",
+        "",
+        "## Reward-guided sampling",
+        "",
+        "The generator samples N candidates; DiNa-LRM prunes them on their noisy latents mid-trajectory (no decode) and "
+        "only the survivors finish (`dina-lrm sample`, docs/search.md). The returned image's judge score against its cost:",
+        "",
+        *search_markdown(summary["search"]),
         "",
         "## Wall time (s)",
         "",

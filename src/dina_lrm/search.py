@@ -1,0 +1,257 @@
+"""Reward-guided sampling: search during denoising, pruning candidates on their noisy latents.
+
+A DiNa-LRM was trained on latents noised to level sigma, so it scores a sample mid-trajectory, on its
+own noisy latent x_t, in distribution: no decode, no x0 prediction. Strategies, for a flow-matching
+SD3 / SD3.5 pipeline and a DiNa-LRM of the same backbone:
+
+* ``best_of_n``: N samples, scored once at the end on their clean latents; the best is returned;
+* ``prune`` (prune-and-continue): N candidates are scored at checkpoints sigma_1 > sigma_2 > ...
+  on the latent as it is at that sigma (no extra noise, the timestep of that sigma); each checkpoint
+  keeps a share (geometric from N down to ``keep``), and only the survivors spend further steps;
+* ``beam``: as ``prune``, but each checkpoint refills the N slots with copies of its survivors, which
+  continue with fresh SDE noise so that the copies diverge.
+
+The final choice among the survivors is made by ``final_reward`` (by default the DiNa-LRM on the
+clean latents at u = 0.4). :func:`search` counts the transformer calls it makes, per candidate step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageOps
+from tqdm.auto import tqdm
+
+from dina_lrm.align.rewards import AlignReward, weight_sharing_copy
+from dina_lrm.align.sampling import Schedule, TextConditioning, initial_noise, predict_velocity
+from dina_lrm.data.images import vae_decode
+from dina_lrm.models.backbones import backbone_name
+from dina_lrm.models.reward_model import DiNaLRM
+from dina_lrm.models.sd3_text import SD3PromptEncoder
+from dina_lrm.scorer import Scorer
+
+STRATEGIES = ("best_of_n", "prune", "beam")
+
+
+@dataclass
+class SearchConfig:
+    strategy: str = "prune"
+    n: int = 16  # candidates started per prompt
+    keep: int = 4  # survivors after the last checkpoint (prune, beam)
+    at: list[float] = field(default_factory=lambda: [0.6, 0.3])  # checkpoint sigmas, decreasing, in (0, 1)
+    steps: int = 28
+    guidance_scale: float = 4.5
+    negative_prompt: str = ""
+    max_sequence_length: int = 128  # T5 tokens of the generator's own text conditioning
+    beam_noise_level: float = 0.7  # beam: SDE noise of the steps after the first checkpoint
+    final_u: float = 0.4  # the default final reward: DiNa-LRM on the clean latents at this u
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {STRATEGIES}")
+        if self.n < 1 or not 1 <= self.keep <= self.n:
+            raise ValueError(f"need 1 <= keep <= n, got n={self.n}, keep={self.keep}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.strategy != "best_of_n":
+            if not self.at:
+                raise ValueError(f"the {self.strategy} strategy needs checkpoint sigmas (--at)")
+            if any(not 0 < s < 1 for s in self.at) or any(a <= b for a, b in zip(self.at, self.at[1:])):
+                raise ValueError(f"checkpoint sigmas must decrease strictly and lie in (0, 1), got {self.at}")
+
+    def survivors(self) -> list[int]:
+        """How many candidates each checkpoint keeps: geometric from n down to keep."""
+        count = len(self.at)
+        return [max(self.keep, round(self.n * (self.keep / self.n) ** ((j + 1) / count))) for j in range(count)]
+
+
+@dataclass
+class PromptSearch:
+    prompt: str
+    latents: torch.Tensor  # (C, h, w) the returned sample
+    chosen: int  # its candidate number
+    scores: dict[str, dict[str, list]]  # "sigma=0.60" / "final" -> {"candidates": [...], "scores": [...]} (beam copies repeat a number)
+    survivors: list[int]  # the candidates that reached the end
+    final_latents: torch.Tensor  # (S, C, h, w) theirs, in the order of scores["final"]
+    pruned: list[tuple[int, float, torch.Tensor]]  # (candidate, sigma, its latent there) of each pruned candidate
+    transformer_calls: int  # candidate steps through the generator's transformer
+    checkpoint_scores: int  # candidates scored on a noisy latent
+
+
+class Searcher:
+    """Runs a :class:`SearchConfig` with ``pipe`` (an SD3 / SD3.5 pipeline) and ``scorer`` (a DiNa-LRM
+    of the same generator; it scores the checkpoints and, unless ``final_reward`` (an alignment reward:
+    ``reward(latents, prompts, seed)``) is given, the end)."""
+
+    def __init__(self, pipe, scorer: Scorer, config: SearchConfig, final_reward: AlignReward | None = None):
+        config.validate()
+        if any("lora_" in name for name, _ in pipe.transformer.named_parameters()):
+            raise ValueError("the pipeline's transformer carries LoRA layers (a reward built on it?): the generator would sample "
+                             "with them; build the reward with Searcher.from_pretrained, on a weight-sharing copy")
+        generator, reward = backbone_name(pipe.transformer), scorer.model.backbone_name
+        if generator != "sd3":
+            raise ValueError(f"reward-guided sampling runs SD3 / SD3.5 pipelines; this one's transformer is {generator}")
+        if reward != generator:
+            raise ValueError(f"the reward is built on the {reward} backbone but the pipeline is {generator}: use a reward of this generator")
+        self.pipe, self.scorer, self.config = pipe, scorer, config
+        self.final_reward = final_reward
+        self.text = SD3PromptEncoder.from_pipeline(pipe, max_sequence_length=config.max_sequence_length)
+        self.schedule = Schedule.from_scheduler(pipe.scheduler, config.steps)
+        self.checkpoints = self._checkpoint_steps()
+
+    @classmethod
+    def from_pretrained(cls, reward_dir, pipe, config: SearchConfig, final_reward: AlignReward | None = None) -> Searcher:
+        """The DiNa-LRM of ``reward_dir`` on a weight-sharing copy of ``pipe``'s transformer (its LoRA
+        never reaches the generator; the weights exist once)."""
+        model = DiNaLRM.from_pretrained(reward_dir, weight_sharing_copy(pipe.transformer))
+        return cls(pipe, Scorer.from_model(model, pipe), config, final_reward)
+
+    def _checkpoint_steps(self) -> dict[int, int]:
+        """Step index -> checkpoint number: the first step whose sigma is at or below each checkpoint's."""
+        if self.config.strategy == "best_of_n":
+            return {}
+        steps = {}
+        for number, sigma in enumerate(self.config.at):
+            index = int(torch.nonzero(self.schedule.sigmas[:-1] <= sigma)[0]) if (self.schedule.sigmas[:-1] <= sigma).any() else None
+            if index is None or index in steps:
+                raise ValueError(f"checkpoint sigma {sigma} falls on no step of its own in a {self.config.steps}-step schedule")
+            steps[index] = number
+        return steps
+
+    def _conditioning(self, prompt: str, count: int) -> TextConditioning:
+        states, pooled = self.text([prompt])
+        negative, negative_pooled = self.text([self.config.negative_prompt])
+        return TextConditioning(states, pooled, negative, negative_pooled).repeat(count)
+
+    @torch.no_grad()
+    def noisy_scores(self, latents: torch.Tensor, prompt: str, step: int) -> torch.Tensor:
+        """DiNa-LRM scores of ``latents`` as they are after ``step`` steps, at that step's timestep."""
+        model = self.scorer.model
+        states, pooled = self.scorer.prompt_encoder([prompt] * len(latents))
+        timestep = self.schedule.timesteps[step].to(model.device).expand(len(latents))
+        return model(latents.to(model.device, model.dtype), states.to(model.device, model.dtype), pooled.to(model.device, model.dtype),
+                     timestep)[:, 0].float().cpu()
+
+    @torch.no_grad()
+    def run(self, prompt: str, seed: int | None = None, progress: bool = False) -> PromptSearch:
+        config, schedule = self.config, self.schedule
+        generator = torch.Generator().manual_seed(config.seed if seed is None else seed)
+        transformer = self.pipe.transformer
+        device = next(transformer.parameters()).device
+        shape = (transformer.config.in_channels, transformer.config.sample_size, transformer.config.sample_size)
+        x = initial_noise(config.n, shape, generator, device)
+        candidates = list(range(config.n))
+        text = self._conditioning(prompt, config.n)
+        scores: dict[str, dict[str, list]] = {}
+        pruned: list[tuple[int, float, torch.Tensor]] = []
+        calls = scored = 0
+        beam_noise = 0.0
+        for step in tqdm(range(schedule.num_steps), desc=prompt[:40], disable=not progress, leave=False):
+            if step in self.checkpoints:
+                noisy = self.noisy_scores(x, prompt, step)
+                scored += len(x)
+                scores[f"sigma={float(schedule.sigmas[step]):.2f}"] = {"candidates": list(candidates), "scores": noisy.tolist()}
+                before = dict(zip(candidates, x))
+                x, candidates = self._select(x, candidates, noisy, config.survivors()[self.checkpoints[step]])
+                pruned += [(c, float(schedule.sigmas[step]), latent.cpu()) for c, latent in before.items() if c not in candidates]
+                text = self._conditioning(prompt, len(x))
+                beam_noise = config.beam_noise_level if config.strategy == "beam" else 0.0
+            velocity = predict_velocity(transformer, x, schedule.timesteps[step], text, config.guidance_scale)
+            x = schedule.step(step, x, velocity, beam_noise, generator=generator).sample
+            calls += len(x)
+        final = self.final_scores(x, candidates, prompt, config.seed if seed is None else seed)
+        scores["final"] = {"candidates": list(candidates), "scores": final.tolist()}
+        best = int(final.argmax())
+        return PromptSearch(prompt, x[best].cpu(), candidates[best], scores, sorted(set(candidates)), x.cpu(), pruned, calls, scored)
+
+    def final_scores(self, latents: torch.Tensor, candidates: list[int], prompt: str, seed: int) -> torch.Tensor:
+        """The end scores: ``final_reward``'s, or the DiNa-LRM's at ``final_u`` with each candidate's noise
+        seeded by its number (a candidate scores the same whoever else survived)."""
+        if self.final_reward is not None:
+            return self.final_reward(latents, [prompt] * len(latents), seed=seed).float().cpu()
+        seeds = [seed * 100_003 + candidate for candidate in candidates]
+        return self.scorer.score([prompt] * len(latents), latents=latents, u=self.config.final_u, seeds=seeds).raw.float().cpu()
+
+    def _select(self, x: torch.Tensor, candidates: list[int], scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, list[int]]:
+        """Prune to the ``keep`` best (kept in candidate order; nothing changes when all are kept);
+        for beam, refill the slots with copies of the survivors."""
+        if keep >= len(candidates):
+            survivors = list(range(len(candidates)))
+        else:
+            survivors = sorted(torch.argsort(scores, descending=True, stable=True)[:keep].tolist())
+        if self.config.strategy == "beam":
+            copies = math.ceil(self.config.n / len(survivors))
+            survivors = [i for i in survivors for _ in range(copies)][: self.config.n]
+        return x[survivors], [candidates[i] for i in survivors]
+
+
+KEPT, PRUNED, CHOSEN = (40, 160, 60), (200, 50, 50), (230, 180, 20)
+
+
+def _tile(image: torch.Tensor, colour: tuple[int, int, int], label: str, border: int = 3) -> Image.Image:
+    pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    picture = Image.fromarray(pixels)
+    if picture.width < 128:  # small (toy) images: enlarge so that the label fits under them
+        picture = picture.resize((picture.width * 2, picture.height * 2), Image.NEAREST)
+    tile = ImageOps.expand(picture, border=border, fill=colour)
+    canvas = Image.new("RGB", (tile.width, tile.height + 14), "white")
+    canvas.paste(tile, (0, 0))
+    ImageDraw.Draw(canvas).text((2, tile.height + 1), label, fill=(0, 0, 0))
+    return canvas
+
+
+def contact_sheet(results: list[PromptSearch], vae) -> Image.Image:
+    """One row per prompt: the pruned candidates as they were when pruned (red, with sigma and score),
+    the survivors' final images (green, final score) and the returned one (gold)."""
+    rows = []
+    for result in results:
+        tiles = []
+        for candidate, sigma, latent in result.pruned:
+            score = _score_at(result, sigma, candidate)
+            tiles.append(_tile(vae_decode(vae, latent[None])[0], PRUNED, f"#{candidate} s{sigma:.2f} {score:.2f}"))
+        final = result.scores["final"]
+        images = vae_decode(vae, result.final_latents)
+        for slot, (candidate, score) in enumerate(zip(final["candidates"], final["scores"])):
+            colour = CHOSEN if slot == int(torch.tensor(final["scores"]).argmax()) else KEPT
+            tiles.append(_tile(images[slot], colour, f"#{candidate} {score:.2f}"))
+        rows.append(tiles)
+    width = max(sum(t.width for t in row) for row in rows)
+    height = sum(max(t.height for t in row) for row in rows)
+    sheet = Image.new("RGB", (width, height), "white")
+    top = 0
+    for row in rows:
+        left = 0
+        for tile in row:
+            sheet.paste(tile, (left, top))
+            left += tile.width
+        top += max(t.height for t in row)
+    return sheet
+
+
+def _score_at(result: PromptSearch, sigma: float, candidate: int) -> float:
+    checkpoint = result.scores[f"sigma={sigma:.2f}"]
+    return checkpoint["scores"][checkpoint["candidates"].index(candidate)]
+
+
+def write_results(results: list[PromptSearch], vae, out: Path, config: SearchConfig) -> list[Path]:
+    """``out``: one PNG per prompt (the returned sample), ``search.json`` (every candidate's scores at
+    each checkpoint and at the end, the survivors, the transformer calls) and ``contact_sheet.png``."""
+    images = vae_decode(vae, torch.stack([r.latents for r in results]))
+    paths = []
+    for number, (result, image) in enumerate(zip(results, images)):
+        slug = re.sub(r"[^a-z0-9]+", "_", result.prompt.lower()).strip("_")[:60]
+        paths.append(out / f"{number:03d}_{slug}.png")
+        Image.fromarray((image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()).save(paths[-1])
+    record = {"config": asdict(config), "prompts": [
+        {"prompt": r.prompt, "image": p.name, "chosen": r.chosen, "survivors": r.survivors, "scores": r.scores,
+         "pruned": [{"candidate": c, "sigma": s} for c, s, _ in r.pruned], "transformer_calls": r.transformer_calls,
+         "checkpoint_scores": r.checkpoint_scores} for r, p in zip(results, paths)]}
+    (out / "search.json").write_text(json.dumps(record, indent=1))
+    contact_sheet(results, vae).save(out / "contact_sheet.png")
+    return paths
