@@ -64,8 +64,8 @@ def mid_scorer(text_cost: float) -> tuple[Scorer, dict]:
 
     model = build_model().eval()
     reward_flops = scoring_flops(model, LATENT_SHAPE, 109, Setting((0.4,), 1))
-    per_layer = text_flops(sd3_prompt_encoder(2)) - text_flops(sd3_prompt_encoder(1))
-    clips = text_flops(sd3_prompt_encoder(1)) - per_layer
+    one_layer, two_layers = text_flops(sd3_prompt_encoder(1)), text_flops(sd3_prompt_encoder(2))
+    per_layer, clips = two_layers - one_layer, 2 * one_layer - two_layers
     layers = max(1, round((text_cost * reward_flops - clips) / per_layer))
     encoder = sd3_prompt_encoder(layers)
     vae = small_vae((32, 64, 64, 64), LATENT_SHAPE[0], 8 * LATENT_SHAPE[1], norm_num_groups=8, shift_factor=0.0609,

@@ -84,3 +84,20 @@ def reset_accelerate() -> None:
 def fresh_accelerate_state():
     yield
     reset_accelerate()
+
+
+def margin_before_and_after_one_step(model: DiNaLRM, latents: torch.Tensor, states: torch.Tensor, pooled: torch.Tensor) -> tuple[float, float]:
+    """The mean chosen-minus-rejected margin before and after one SGD step of the Thurstone loss on
+    pairs chosen = latents + 0.5, rejected = latents - 0.5 (shared sigma and noise, as in training)."""
+    from dina_lrm.train.step import PairNoise, PreferenceBatch, preference_forward
+
+    batch = PreferenceBatch(latents + 0.5, latents - 0.5, states, pooled)
+    count = len(latents)
+    noise = PairNoise(torch.full((count,), 0.4), torch.full((count,), 400.0), torch.randn(latents.shape, generator=torch.Generator().manual_seed(5)))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    before = preference_forward(model.train(), batch, noise)
+    before.loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = preference_forward(model, batch, noise)
+    return (before.chosen_scores - before.rejected_scores).mean().item(), (after.chosen_scores - after.rejected_scores).mean().item()

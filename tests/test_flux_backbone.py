@@ -11,6 +11,7 @@ from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DMode
 from dina_lrm import DiNaConfig, DiNaLRM
 from dina_lrm.models.flux import FluxBackbone, image_ids, pack_latents
 from dina_lrm.models.flux_text import FluxPromptEncoder
+from conftest import margin_before_and_after_one_step
 from tiny_flux import TINY_FLUX, build_tiny_flux_pipeline
 
 MODEL = {"backbone_model_id": "black-forest-labs/FLUX.1-dev", "num_transformer_layers": 3, "visual_head_idx": [1, 3],
@@ -166,16 +167,6 @@ def test_analytic_flops_equal_torch_flop_counter_for_flux(transformer):
 
 
 def test_one_thurstone_step_raises_the_margin(transformer):
-    from dina_lrm.train.step import PairNoise, PreferenceBatch, preference_forward
-
-    model = DiNaLRM(DiNaConfig.from_dict({"model": MODEL}), transformer).train()
     latents, context, pooled, _ = inputs()
-    batch = PreferenceBatch(latents + 0.5, latents - 0.5, context, pooled)
-    noise = PairNoise(torch.tensor([0.4, 0.4]), torch.tensor([400.0, 400.0]), torch.randn(latents.shape, generator=torch.Generator().manual_seed(5)))
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    before = preference_forward(model, batch, noise)
-    before.loss.backward()
-    optimizer.step()
-    with torch.no_grad():
-        after = preference_forward(model, batch, noise)
-    assert (after.chosen_scores - after.rejected_scores).mean() > (before.chosen_scores - before.rejected_scores).mean().detach()
+    before, after = margin_before_and_after_one_step(DiNaLRM(DiNaConfig.from_dict({"model": MODEL}), transformer), latents, context, pooled)
+    assert after > before

@@ -13,6 +13,7 @@ from dina_lrm import DiNaConfig, DiNaLRM
 from dina_lrm.data.images import vae_decode, vae_encode, vae_scale_factor
 from dina_lrm.models.qwenimage import QwenImageBackbone
 from dina_lrm.models.qwenimage_text import QwenImagePromptEncoder
+from conftest import margin_before_and_after_one_step
 from tiny_qwenimage import build_tiny_qwenimage_pipeline
 
 MODEL = {"backbone_model_id": "Qwen/Qwen-Image", "num_transformer_layers": 3, "visual_head_idx": [1, 3], "text_head_idx": [1, 2],
@@ -88,19 +89,10 @@ def test_the_video_vae_round_trip_and_its_channel_statistics(pipe):
 
 
 def test_lora_rule_round_trip_and_one_thurstone_step(pipe, text, tmp_path):
-    from dina_lrm.train.step import PairNoise, PreferenceBatch, preference_forward
-
     model = DiNaLRM(DiNaConfig.from_dict({"model": MODEL}), copy.deepcopy(pipe.transformer))
     x = latents()
-    batch = PreferenceBatch(x + 0.5, x - 0.5, *text)
-    noise = PairNoise(torch.tensor([0.4, 0.4]), torch.tensor([400.0, 400.0]), torch.randn(x.shape, generator=torch.Generator().manual_seed(5)))
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    before = preference_forward(model.train(), batch, noise)
-    before.loss.backward()
-    optimizer.step()
-    with torch.no_grad():
-        after = preference_forward(model, batch, noise)
-    assert (after.chosen_scores - after.rejected_scores).mean() > (before.chosen_scores - before.rejected_scores).mean().detach()
+    before, after = margin_before_and_after_one_step(model, x, *text)
+    assert after > before
     model.save_pretrained(tmp_path / "rm")
     keys = {k.split(".lora_")[0] for k in load_file(tmp_path / "rm" / "checkpoint" / "backbone_lora" / "adapter_model.safetensors")}
     last_text = {f"base_model.model.transformer_blocks.2.attn.{p}" for p in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")}

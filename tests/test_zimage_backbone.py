@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from dina_lrm import DiNaConfig, DiNaLRM
 from dina_lrm.models.zimage import ZImageBackbone, patchify
 from dina_lrm.models.zimage_text import ZImagePromptEncoder
+from conftest import margin_before_and_after_one_step
 from tiny_zimage import TINY_ZIMAGE, build_tiny_zimage_pipeline
 
 MODEL = {"backbone_model_id": "Tongyi-MAI/Z-Image-Turbo", "num_transformer_layers": 3, "visual_head_idx": [1, 3], "text_head_idx": [2, 3],
@@ -114,19 +115,9 @@ def test_authors_lora_keys_and_release_layout_round_trip(pipe, text, tmp_path):
 
 
 def test_one_thurstone_step_raises_the_margin(pipe, text):
-    from dina_lrm.train.step import PairNoise, PreferenceBatch, preference_forward
-
-    model = DiNaLRM(DiNaConfig.from_dict({"model": MODEL}), copy.deepcopy(pipe.transformer)).train()
-    x = latents()
-    batch = PreferenceBatch(x + 0.5, x - 0.5, *text)
-    noise = PairNoise(torch.tensor([0.4, 0.4]), torch.tensor([400.0, 400.0]), torch.randn(x.shape, generator=torch.Generator().manual_seed(5)))
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    before = preference_forward(model, batch, noise)
-    before.loss.backward()
-    optimizer.step()
-    with torch.no_grad():
-        after = preference_forward(model, batch, noise)
-    assert (after.chosen_scores - after.rejected_scores).mean() > (before.chosen_scores - before.rejected_scores).mean().detach()
+    model = DiNaLRM(DiNaConfig.from_dict({"model": MODEL}), copy.deepcopy(pipe.transformer))
+    before, after = margin_before_and_after_one_step(model, latents(), *text)
+    assert after > before
 
 
 def test_scorer_and_server_on_zimage(pipe):
