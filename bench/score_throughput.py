@@ -117,7 +117,7 @@ def main() -> None:
     modes = ["loop"] + [m for m in args.modes.split(",") if m != "loop"]
     print(f"{args.backbone}: K={len(LEVELS)} ensemble, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{args.repeats} timed repeats; memory: the peak resident set during the timed calls above the one before them")
-    print(f"| batch | mode | latents/s | vs loop | peak extra MiB | vs loop | max score difference to the loop |")
+    print("| batch | mode | latents/s | vs loop | peak extra MiB | vs loop | max score difference to the loop |")
     print("|---|---|---|---|---|---|---|")
     results = {}
     for batch in map(int, args.batches.split(",")):

@@ -9,13 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from dina_lrm.align.grpo import clipped_policy_loss, group_advantages
-from dina_lrm.align.rewards import DecodedImageReward
-from dina_lrm.align.sampling import Schedule, TextConditioning, sample_ode, sample_sde
-from dina_lrm.align.sde import gaussian_kl, sde_step
+from dina_lrm.align.advantages import group_advantages
 from dina_lrm.align.config import AlignConfig
+from dina_lrm.align.methods.grpo import clipped_policy_loss
+from dina_lrm.align.rewards import DecodedImageReward
+from dina_lrm.align.sampling import initial_noise, sample_ode, sample_sde
+from dina_lrm.align.sde import gaussian_kl, sde_step
 from dina_lrm.align.trainer import Aligner
 from dina_lrm.config import ConfigError
+from dina_lrm.models.backbones import policy_for
+from dina_lrm.models.policy import TextConditioning
 from dina_lrm.scorer import load_pipeline
 
 
@@ -23,7 +26,7 @@ def test_sde_step_log_prob_is_the_closed_form_gaussian():
     generator = torch.Generator().manual_seed(0)
     x, v = torch.randn(3, 4, 2, 2, generator=generator), torch.randn(3, 4, 2, 2, generator=generator)
     sigma, sigma_next, level = 0.6, 0.45, 0.7
-    step = sde_step(x, v, sigma, sigma_next, level, 0.9, generator=generator)
+    step = sde_step(x, v, sigma, sigma_next, level, 0.9, generator=generator, likelihood="gaussian")
     std_t = level * math.sqrt(sigma / (1 - sigma))
     dt = sigma_next - sigma
     mean = x + (v + std_t**2 / (2 * sigma) * (x + (1 - sigma) * v)) * dt
@@ -109,10 +112,11 @@ def test_clipped_objective_gradient_sign_and_clipping():
 
 def make_config(pipeline_dir, reward_dir, prompt_file, out, **overrides) -> AlignConfig:
     raw = dict(generator=str(pipeline_dir), reward={"kind": "dina", "path": str(reward_dir)}, prompts=str(prompt_file),
-               num_eval_prompts=4, out=str(out), max_steps=4, prompts_per_step=2, group_size=4, train_sampling_steps=4,
+               num_eval_prompts=4, out=str(out), max_steps=4, prompts_per_step=2, train_sampling_steps=4,
                eval_sampling_steps=4, guidance_scale=1.0, eval_every=100, checkpoint_every=2, max_sequence_length=8,
-               lora_rank=4, learning_rate=3e-3, clip_range=0.01)
-    raw.update(overrides)
+               lora_rank=4, learning_rate=3e-3, grpo={"group_size": 4, "clip_range": 0.01}, nft={"group_size": 4})
+    for key, value in overrides.items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) and isinstance(raw.get(key), dict) else value
     return AlignConfig.from_dict(raw)
 
 
@@ -129,7 +133,8 @@ def held_out_reward(aligner: Aligner) -> float:
     return aligner.evaluate()["eval_reward"]
 
 
-@pytest.mark.parametrize("method, extra", [("grpo", {"max_steps": 8, "learning_rate": 1e-2}), ("draft", {"max_steps": 4, "learning_rate": 3e-3})])
+@pytest.mark.parametrize("method, extra", [("grpo", {"max_steps": 8, "learning_rate": 1e-2}), ("draft", {"max_steps": 4, "learning_rate": 3e-3}),
+                                           ("nft", {"max_steps": 6, "learning_rate": 1e-2, "nft": {"kl_coef": 0.0, "updates_per_step": 2}})])
 def test_a_few_steps_raise_the_held_out_reward(pipeline_dir, reward_dir, prompt_file, tmp_path, method, extra):
     config = make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / method, method=method, **extra)
     aligner = Aligner(config)
@@ -147,7 +152,7 @@ def test_a_few_steps_raise_the_held_out_reward(pipeline_dir, reward_dir, prompt_
 
 def test_grpo_with_the_latent_dina_reward_and_kl(pipeline_dir, reward_dir, prompt_file, tmp_path):
     """The latent reward path end to end (no decode), with the KL term against the LoRA-free generator."""
-    config = make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "kl", max_steps=2, kl_coef=0.1, updates_per_step=2)
+    config = make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "kl", max_steps=2, grpo={"kl_coef": 0.1, "updates_per_step": 2})
     history = Aligner(config).run()
     assert all(r["kl"] >= 0.0 for r in history[1:]) and history[-1]["kl"] > 0.0
     assert all(math.isfinite(r["reward_mean"]) for r in history[1:])
@@ -198,12 +203,15 @@ class PlantedPayload:
 
 def test_sampled_trajectory_shapes_and_ode_gradients(pipeline_dir):
     pipe = load_pipeline(pipeline_dir)
-    schedule = Schedule.from_scheduler(pipe.scheduler, 3)
+    policy = policy_for(pipe, 8)
+    schedule = policy.schedule(3, (4, 8, 8))
     text = TextConditioning(torch.randn(2, 5, 32), torch.randn(2, 64), torch.zeros(2, 5, 32), torch.zeros(2, 64))
-    trajectory = sample_sde(pipe.transformer, schedule, text, (4, 8, 8), 2.0, 0.7, torch.Generator().manual_seed(0))
+    velocity = lambda x, i: policy.velocity(pipe.transformer, x, float(schedule.sigmas[i]), text, 2.0)  # noqa: E731
+    start = initial_noise(2, (4, 8, 8), torch.Generator().manual_seed(0), "cpu")
+    trajectory = sample_sde(velocity, schedule, start, 0.7, torch.Generator().manual_seed(0))
     assert trajectory.latents.shape == (4, 2, 4, 8, 8) and trajectory.log_probs.shape == (3, 2)
     weight = next(p for p in pipe.transformer.parameters())
-    latents = sample_ode(pipe.transformer, schedule, text, (4, 8, 8), 2.0, torch.Generator().manual_seed(0), grad_last_k=1)
+    latents = sample_ode(velocity, schedule, start, grad_last_k=1)
     latents.sum().backward()
     assert weight.grad is not None and weight.grad.abs().sum() > 0
 
@@ -211,7 +219,7 @@ def test_sampled_trajectory_shapes_and_ode_gradients(pipeline_dir):
 class TestBadConfigs:
     def test_group_size_one(self, pipeline_dir, reward_dir, prompt_file, tmp_path):
         with pytest.raises(ValueError, match="group_size must be >= 2"):
-            make_config(pipeline_dir, reward_dir, prompt_file, tmp_path, group_size=1)
+            make_config(pipeline_dir, reward_dir, prompt_file, tmp_path, grpo={"group_size": 1})
 
     def test_no_trainable_parameters(self, pipeline_dir, reward_dir, prompt_file, tmp_path):
         with pytest.raises(ValueError, match="no trainable parameters"):
@@ -238,7 +246,7 @@ class TestBadConfigs:
 
     def test_unknown_keys_kinds_and_missing_files(self, pipeline_dir, reward_dir, prompt_file, tmp_path):
         with pytest.raises(ConfigError, match="did you mean 'group_size'"):
-            make_config(pipeline_dir, reward_dir, prompt_file, tmp_path, group_sise=4)
+            make_config(pipeline_dir, reward_dir, prompt_file, tmp_path, grpo={"group_sise": 4})
         with pytest.raises(ValueError, match="unknown reward kind"):
             make_config(pipeline_dir, reward_dir, prompt_file, tmp_path, reward={"kind": "hps"})
         with pytest.raises(FileNotFoundError, match="prompt file"):

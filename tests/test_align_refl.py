@@ -11,9 +11,11 @@ from conftest import ALIGN_PROMPTS as PROMPTS
 from dina_lrm.align.config import AlignConfig
 from dina_lrm.align.ema import EMA
 from dina_lrm.align.guard import JudgeGuard
-from dina_lrm.align.refl import LatentSet, draw_stop_index, flow_matching_loss, predicted_clean
-from dina_lrm.align.sampling import Schedule, TextConditioning, predict_velocity, sample_sde
+from dina_lrm.align.methods.refl import LatentSet, draw_stop_index, flow_matching_loss, predicted_clean
+from dina_lrm.align.sampling import initial_noise, sample_sde
 from dina_lrm.align.sde import cps_step
+from dina_lrm.models.backbones import policy_for
+from dina_lrm.models.policy import TextConditioning
 from dina_lrm.align.trainer import Aligner
 from dina_lrm.data.shards import PairRecord, write_preference_shards
 from dina_lrm.noise import SigmaTable
@@ -23,10 +25,11 @@ from dina_lrm.toyworld.alignment import in_workers, run_one
 
 def refl_config(pipeline_dir, reward_dir, prompt_file, out, **overrides) -> AlignConfig:
     raw = dict(method="refl", generator=str(pipeline_dir), reward={"kind": "dina", "path": str(reward_dir)}, prompts=str(prompt_file),
-               num_eval_prompts=4, out=str(out), max_steps=4, prompts_per_step=2, train_sampling_steps=8, refl_stop_range=[4, 8],
+               num_eval_prompts=4, out=str(out), max_steps=4, prompts_per_step=2, train_sampling_steps=8, refl={"stop_range": [4, 8]},
                eval_sampling_steps=4, guidance_scale=2.0, eval_every=100, checkpoint_every=2, max_sequence_length=8,
                lora_rank=4, learning_rate=3e-3)
-    raw.update(overrides)
+    for key, value in overrides.items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) and isinstance(raw.get(key), dict) else value
     return AlignConfig.from_dict(raw)
 
 
@@ -43,7 +46,7 @@ def test_stop_index_is_uniform_over_the_window():
     assert set(counts) == set(range(30, 40))
     assert all(abs(c / 5000 - 0.1) < 0.02 for c in counts.values())
     config = AlignConfig(method="refl", generator="g", prompts="p")
-    assert config.sampling_steps == 40 and config.stop_window == (30, 40)  # the released recipe
+    assert config.sampling_steps == 40 and config.refl.stop_window(config.sampling_steps) == (30, 40)  # the released recipe
 
 
 def test_predicted_clean_inverts_the_rectified_flow_noising():
@@ -56,7 +59,7 @@ def test_cps_step_by_hand_keeps_the_noise_level_and_zero_noise_is_euler():
     generator = torch.Generator().manual_seed(0)
     x, v = torch.randn(3, 4, 2, 2, generator=generator), torch.randn(3, 4, 2, 2, generator=generator)
     sigma, sigma_next, level = 0.6, 0.45, 0.8
-    step = cps_step(x, v, sigma, sigma_next, level, generator=generator)
+    step = cps_step(x, v, sigma, sigma_next, level, generator=generator, likelihood="gaussian")
     std = sigma_next * math.sin(level * math.pi / 2)
     mean = (1 - sigma_next) * (x - sigma * v) + math.sqrt(sigma_next**2 - std**2) * (x + (1 - sigma) * v)
     torch.testing.assert_close(step.mean, mean)
@@ -70,14 +73,17 @@ def test_cps_step_by_hand_keeps_the_noise_level_and_zero_noise_is_euler():
 
 def test_window_sde_draws_noise_and_log_probs_only_inside_the_window(pipeline_dir):
     pipe = load_pipeline(pipeline_dir)
-    schedule = Schedule.from_scheduler(pipe.scheduler, 6)
+    policy = policy_for(pipe, 8)
+    schedule = policy.schedule(6, (4, 8, 8))
     text = TextConditioning(torch.randn(2, 5, 32), torch.randn(2, 64), torch.zeros(2, 5, 32), torch.zeros(2, 64))
-    trajectory = sample_sde(pipe.transformer, schedule, text, (4, 8, 8), 2.0, 0.7, torch.Generator().manual_seed(0), noisy_steps=[2, 3])
+    velocity = lambda x, i: policy.velocity(pipe.transformer, x, float(schedule.sigmas[i]), text, 2.0)  # noqa: E731
+    start = initial_noise(2, (4, 8, 8), torch.Generator().manual_seed(0), "cpu")
+    trajectory = sample_sde(velocity, schedule, start, 0.7, torch.Generator().manual_seed(0), noisy_steps=[2, 3])
     assert trajectory.noisy_steps == [2, 3]
     assert torch.isnan(trajectory.log_probs[[0, 1, 4, 5]]).all() and torch.isfinite(trajectory.log_probs[[2, 3]]).all()
     for i in range(6):  # outside the window each step is Euler; inside, the log-probability is the Gaussian's by hand
         x, following = trajectory.latents[i], trajectory.latents[i + 1]
-        v = predict_velocity(pipe.transformer, x, schedule.timesteps[i], text, 2.0)
+        v = velocity(x, i)
         sigma, sigma_next = float(schedule.sigmas[i]), float(schedule.sigmas[i + 1])
         if i not in (2, 3):
             torch.testing.assert_close(following, x + v * (sigma_next - sigma))
@@ -150,7 +156,7 @@ def test_one_refl_step_raises_the_reward(pipeline_dir, reward_dir, prompt_file, 
 
 
 def test_refl_resume_equals_an_uninterrupted_run(pipeline_dir, reward_dir, prompt_file, tmp_path):
-    options = dict(ema_decay=0.5, kl_coef=0.1)
+    options = dict(ema_decay=0.5, refl={"kl_coef": 0.1})
     straight = Aligner(refl_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "straight", **options))
     straight.run()
     Aligner(refl_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "resumed", max_steps=2, **options)).run()
@@ -180,7 +186,10 @@ def test_flow_matching_loss_on_the_chosen_latents(pipeline_dir, tmp_path):
     latents, prompts = latent_set.batch(3, torch.Generator().manual_seed(0))
     states, pooled = torch.randn(3, 5, 32), torch.randn(3, 64)
     table = SigmaTable.from_scheduler(pipe.scheduler)
-    loss = flow_matching_loss(pipe.transformer, latents, states, pooled, table, torch.Generator().manual_seed(1))
+    policy = policy_for(pipe, 8)
+    text = TextConditioning(states, pooled, states, pooled)
+    loss = flow_matching_loss(lambda noisy, sigmas: policy.velocity(pipe.transformer, noisy, sigmas, text, 1.0), latents, table,
+                              torch.Generator().manual_seed(1))
     # the same draws by hand
     generator = torch.Generator().manual_seed(1)
     index = torch.randint(len(table.sigmas), (3,), generator=generator)
@@ -193,8 +202,8 @@ def test_flow_matching_loss_on_the_chosen_latents(pipeline_dir, tmp_path):
 
 def test_refl_with_the_pretrain_loss_and_a_guard(pipeline_dir, reward_dir, prompt_file, tmp_path):
     shards = write_latent_shards(tmp_path / "shards")
-    config = refl_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "run", max_steps=2, eval_every=1, pretrain_data=str(shards),
-                         pretrain_weight=1.0, judge={"kind": "dina", "path": str(reward_dir), "u": 0.2}, test_prompts=str(prompt_file),
+    config = refl_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "run", max_steps=2, eval_every=1,
+                         refl={"pretrain_data": str(shards), "pretrain_weight": 1.0}, judge={"kind": "dina", "path": str(reward_dir), "u": 0.2}, test_prompts=str(prompt_file),
                          num_test_prompts=3)
     aligner = Aligner(config)
     history = aligner.run()
@@ -209,26 +218,28 @@ def test_refl_with_the_pretrain_loss_and_a_guard(pipeline_dir, reward_dir, promp
 
 class TestBadReflConfigs:
     def test_stop_window_outside_the_schedule(self, pipeline_dir, reward_dir, prompt_file, tmp_path):
-        with pytest.raises(ValueError, match=r"refl_stop_range \[6, 10\) lies outside the 8-step schedule"):
-            refl_config(pipeline_dir, reward_dir, prompt_file, tmp_path, refl_stop_range=[6, 10])
+        with pytest.raises(ValueError, match=r"refl.stop_range \[6, 10\) lies outside the 8-step schedule"):
+            refl_config(pipeline_dir, reward_dir, prompt_file, tmp_path, refl={"stop_range": [6, 10]})
 
     def test_non_differentiable_reward(self, pipeline_dir, reward_dir, prompt_file, tmp_path):
         with pytest.raises(ValueError, match="not differentiable"):
             refl_config(pipeline_dir, reward_dir, prompt_file, tmp_path, reward={"kind": "python", "target": "dina_lrm.toyworld.rewards:judge"})
 
-    def test_weights_that_do_not_match_the_rewards(self, pipeline_dir, reward_dir, prompt_file, tmp_path):
-        with pytest.raises(ValueError, match="reward_weights has 1 entries for 2 rewards"):
-            refl_config(pipeline_dir, reward_dir, prompt_file, tmp_path, extra_rewards=[{"kind": "dina", "path": str(reward_dir)}])
+    def test_rewards_that_all_weigh_nothing_or_less(self, pipeline_dir, reward_dir, prompt_file, tmp_path):
+        with pytest.raises(ValueError, match="at least one reward with a non-zero weight"):
+            refl_config(pipeline_dir, reward_dir, prompt_file, tmp_path, reward={"kind": "dina", "path": str(reward_dir), "weight": 0.0})
+        with pytest.raises(ValueError, match="weight must be >= 0"):
+            refl_config(pipeline_dir, reward_dir, prompt_file, tmp_path, reward={"kind": "dina", "path": str(reward_dir), "weight": -1.0})
 
     def test_pretrain_loss_without_data(self, pipeline_dir, reward_dir, prompt_file, tmp_path):
-        with pytest.raises(ValueError, match="pretrain_weight > 0 needs pretrain_data"):
-            refl_config(pipeline_dir, reward_dir, prompt_file, tmp_path, pretrain_weight=0.5)
+        with pytest.raises(ValueError, match="pretrain_weight > 0 needs refl.pretrain_data"):
+            refl_config(pipeline_dir, reward_dir, prompt_file, tmp_path, refl={"pretrain_weight": 0.5})
         with pytest.raises(FileNotFoundError, match="pretrain data not found"):
-            Aligner(refl_config(pipeline_dir, reward_dir, prompt_file, tmp_path, pretrain_weight=0.5, pretrain_data=str(tmp_path / "none")))
+            Aligner(refl_config(pipeline_dir, reward_dir, prompt_file, tmp_path, refl={"pretrain_weight": 0.5, "pretrain_data": str(tmp_path / "none")}))
 
     def test_window_that_does_not_fit(self, pipeline_dir, reward_dir, prompt_file, tmp_path):
         with pytest.raises(ValueError, match="SDE window of 3 steps does not fit"):
-            refl_config(pipeline_dir, reward_dir, prompt_file, tmp_path, method="grpo", sde_window_size=3, sde_window_range=[0, 2])
+            refl_config(pipeline_dir, reward_dir, prompt_file, tmp_path, method="grpo", grpo={"sde_window_size": 3, "sde_window_range": [0, 2]})
 
 
 def test_runs_spread_over_worker_processes_equal_runs_in_this_process(pipeline_dir, reward_dir, prompt_file, tmp_path):

@@ -1,5 +1,5 @@
-"""The toy world's rewards as plug-ins, the early base generator, and the alignment experiment end to end
-at a tiny size."""
+"""The toy world's rewards as plug-ins, the biased base and its recipe, the ground-truth render shards,
+and the alignment experiment end to end at a tiny size."""
 
 import ast
 import json
@@ -11,20 +11,27 @@ import torch
 from safetensors.torch import load_file
 
 from dina_lrm.scorer import load_pipeline
+from dina_lrm.data.shards import load_preference_shards
 from dina_lrm.toyworld.alignment import (
-    EARLY_GENERATOR,
+    BASES,
+    GATE,
     RUNS,
     ToyAlignmentConfig,
+    biased_base_recipe,
     materialise_base,
     run_alignment_experiment,
     write_prompt_sets,
+    write_render_shards,
 )
+from dina_lrm.toyworld.demo import SHIPPED_GENERATOR
+from dina_lrm.toyworld.generator import decode_latents
 from dina_lrm.toyworld.alignment_report import efficiency
 from dina_lrm.toyworld.judge import Judge
 from dina_lrm.toyworld.pixel_reward import PixelReward
 from dina_lrm.toyworld.preferences import PreferenceDataConfig
 from dina_lrm.toyworld.rewards import judge, judge_scores, load_pixel_reward, pixel_reward, save_pixel_reward
-from dina_lrm.toyworld.scenes import parse_prompt, render, scene_for, with_object
+from dina_lrm.toyworld.pretrain import pretrain, render_training_images
+from dina_lrm.toyworld.scenes import CONFUSIONS, parse_prompt, render, scene_for, with_object
 
 SRC = Path(__file__).parents[1] / "src" / "dina_lrm"
 
@@ -72,7 +79,7 @@ def test_pixel_reward_round_trip_and_factory_gradients(tmp_path):
     loaded = load_pixel_reward(path)
     pixels, states, pooled = torch.rand(2, 3, 64, 64) * 2 - 1, torch.randn(2, 5, 128), torch.randn(2, 128)
     torch.testing.assert_close(loaded(pixels, states, pooled), model(pixels, states, pooled))
-    fn = pixel_reward(path, EARLY_GENERATOR.parent / "pretrained")("cpu")
+    fn = pixel_reward(path, SHIPPED_GENERATOR)("cpu")
     images = torch.rand(2, 3, 64, 64, requires_grad=True)
     scores, _ = fn(images, ["a red circle", "two blue squares"])
     scores.sum().backward()
@@ -87,46 +94,91 @@ def test_prompt_sets_are_disjoint(tmp_path):
     assert not (set(sets["train"]) & set(sets["val"]) or set(sets["train"]) & set(sets["test"]) or set(sets["val"]) & set(sets["test"]))
 
 
-def test_base_generator_is_the_early_checkpoint_in_the_shipped_latent_space(tmp_path):
-
-    base = load_pipeline(materialise_base(tmp_path))
-    shipped = load_pipeline(EARLY_GENERATOR.parent / "pretrained")
-    early = load_file(str(EARLY_GENERATOR / "transformer" / "diffusion_pytorch_model.safetensors"))
+@pytest.mark.parametrize("base", ["biased", "early"])
+def test_the_base_is_the_shipped_checkpoint_in_the_shipped_latent_space(tmp_path, base):
+    pipe = load_pipeline(materialise_base(tmp_path, base))
+    shipped = load_pipeline(SHIPPED_GENERATOR)
+    checkpoint = load_file(str(BASES[base] / "transformer" / "diffusion_pytorch_model.safetensors"))
     name = "transformer_blocks.0.attn.to_q.weight"
-    torch.testing.assert_close(base.transformer.state_dict()[name], early[name].float())
-    assert not torch.equal(base.transformer.state_dict()[name], shipped.transformer.state_dict()[name])
+    torch.testing.assert_close(pipe.transformer.state_dict()[name], checkpoint[name].float())
+    assert not torch.equal(pipe.transformer.state_dict()[name], shipped.transformer.state_dict()[name])
     for key, value in shipped.vae.state_dict().items():
-        assert torch.equal(base.vae.state_dict()[key], value)
+        assert torch.equal(pipe.vae.state_dict()[key], value)
+    with pytest.raises(FileNotFoundError, match="neither one of"):
+        materialise_base(tmp_path, "nowhere")
+
+
+def test_confused_renders_swap_colours_at_the_rate_under_the_unchanged_caption():
+    prompts, images = render_training_images(300, np.random.default_rng(0), confusion_rate=0.5)
+    results = Judge().batch(list(images), prompts)
+    swapped = [CONFUSIONS[g.colour] in {o.colour for o in r.objects} and g.colour not in {o.colour for o in r.objects}
+               for r, p in zip(results, prompts) for g in parse_prompt(p).groups[:1]]
+    assert 0.4 < np.mean(swapped) < 0.6
+    clean_prompts, clean = render_training_images(50, np.random.default_rng(0))
+    assert np.mean([r.alignment for r in Judge().batch(list(clean), clean_prompts)]) > 0.9
+
+
+def test_the_biased_base_recipe_continues_the_shipped_generator(tmp_path):
+    """The recipe of the shipped pretrained_biased, at two steps: the text encoders stay the shipped ones."""
+    recipe = biased_base_recipe(generator_steps=2, dataset_size=8, generator_batch=4, save_dtype="float32")
+    assert recipe.generator_from == str(SHIPPED_GENERATOR) and recipe.confusion_rate == 0.5 and not recipe.train_text_encoders
+    pipe = pretrain(tmp_path / "biased", recipe)
+    shipped = load_pipeline(SHIPPED_GENERATOR)
+    for key, value in shipped.text_encoder.state_dict().items():
+        assert torch.equal(pipe.text_encoder.state_dict()[key], value)
+    assert any(not torch.equal(pipe.transformer.state_dict()[k], v) for k, v in shipped.transformer.state_dict().items())
+    record = json.loads((BASES["biased"] / "pretrain.json").read_text())["config"]
+    assert {k: record[k] for k in ("confusion_rate", "generator_steps", "generator_lr", "train_text_encoders", "seed")} == {
+        "confusion_rate": 0.5, "generator_steps": 400, "generator_lr": 2e-4, "train_text_encoders": False, "seed": 7}
+
+
+def test_render_shards_hold_ground_truth_renders_of_the_prompts(tmp_path):
+    vae = load_pipeline(SHIPPED_GENERATOR).vae
+    prompts = ["a red circle", "three green triangles"]
+    write_render_shards(tmp_path / "renders", vae, prompts, per_prompt=2)
+    pairs = load_preference_shards(tmp_path / "renders")
+    assert pairs.prompts == [p for p in prompts for _ in range(2)]
+    chosen = Judge().batch(list(decode_latents(vae, pairs.chosen)), pairs.prompts)
+    rejected = Judge().batch(list(decode_latents(vae, pairs.rejected)), pairs.prompts)
+    assert np.mean([r.alignment for r in chosen]) > np.mean([r.alignment for r in rejected])
 
 
 def test_experiment_writes_its_report_for_every_run(tmp_path):
+    tiny = {"max_steps": 2, "prompts_per_step": 2, "train_sampling_steps": 4, "eval_every": 1}
     config = ToyAlignmentConfig(
-        seeds=[0], data=PreferenceDataConfig(train_prompts=6, test_prompts=4, samples_per_prompt=2, corruptions_per_prompt=1),
-        reward_steps=2, reward_batch_size=4, train_prompts=8, num_val_prompts=2, num_test_prompts=3, workers=1,
-        refl={"max_steps": 2, "prompts_per_step": 2, "train_sampling_steps": 4, "refl_stop_range": [2, 4], "eval_every": 1},
-        grpo={"max_steps": 1, "prompts_per_step": 2, "group_size": 2, "train_sampling_steps": 4, "sde_window_size": 2,
-              "sde_window_range": [0, 3], "global_std": True, "eval_every": 1},
-        eval_sampling_steps=4,
+        seeds=[0, 1], data=PreferenceDataConfig(train_prompts=6, test_prompts=4, samples_per_prompt=2, corruptions_per_prompt=1),
+        reward_steps=2, reward_batch_size=4, train_prompts=8, num_val_prompts=2, num_test_prompts=3, renders_per_prompt=1, workers=1,
+        runs=list(RUNS), eval_sampling_steps=4,
+        settings={"refl": {**tiny, "refl": {"stop_range": [2, 4]}},
+                  "nft": {**tiny, "nft": {"group_size": 2, "updates_per_step": 2}},
+                  "sft": {**tiny, "sft": {"batch_size": 4, "updates_per_step": 2}},
+                  "grpo": {**tiny, "max_steps": 1, "grpo": {"group_size": 2, "sde_window_size": 2, "sde_window_range": [0, 3]}}},
     )
     result = run_alignment_experiment(tmp_path, config)
     assert set(result["runs"]) == set(RUNS)
-    for run in result["runs"].values():
-        assert len(run["test_gain_per_seed"]) == 1 and run["test_gain_ci"][0] <= run["test_gain"] <= run["test_gain_ci"][1]
-        assert 0 <= run["test_judge_base"] <= 1 and run["reward_ms_per_sample"] > 0 and "relation" in run["clauses"]
+    for name, run in result["runs"].items():
+        assert len(run["test_gain_per_seed"]) == (1 if name in GATE else 2)
+        assert run["test_gain_ci"][0] <= run["test_gain"] <= run["test_gain_ci"][1]
+        assert 0 <= run["test_judge_base"] <= 1 and "relation" in run["clauses"]
+    assert result["runs"]["NFT + DiNa-LRM"]["reward_ms_per_sample"] > 0
+    assert abs(result["runs"]["NFT + constant reward"]["test_final_gain"]) < 1e-6  # r = 1/2 everywhere: the policy does not move
     bases = {run["test_judge_base"] for run in result["runs"].values()}
-    assert len(bases) == 1  # every run starts from the same base, scored on the same test prompts and seeds
+    assert len(bases) == 2  # one per seed: every run of a seed starts from the same base, scored on the same test prompts
     flops = result["flops"]
     assert flops["dina"]["reward_forward"] < flops["pixel"]["reward_forward"] and flops["dina"]["sampling"] == flops["pixel"]["sampling"]
     table = (tmp_path / "alignment.md").read_text()
-    assert all(name in table for name in RUNS)
+    assert all(name in table for name in RUNS) and "The gate of the base" in table
     assert (tmp_path / "alignment.png").stat().st_size > 10_000 and (tmp_path / "alignment_clauses.png").is_file()
-    assert (tmp_path / "samples_refl_dina-lrm_best.png").is_file()
+    assert (tmp_path / "samples_nft_dina-lrm_best.png").is_file()
     saved = json.loads((tmp_path / "alignment.json").read_text())
-    assert saved["runs"]["GRPO + judge"]["test_gain"] == result["runs"]["GRPO + judge"]["test_gain"]
+    assert saved["runs"]["NFT + judge"]["test_gain"] == result["runs"]["NFT + judge"]["test_gain"]
     with pytest.raises(FileExistsError, match="earlier alignment experiment"):
         run_alignment_experiment(tmp_path, config)
-    again = run_alignment_experiment(tmp_path, config, overwrite=True)
-    assert again["runs"]["GRPO + judge"]["test_gain"] == result["runs"]["GRPO + judge"]["test_gain"]  # seeded: the same again
+    reused = ToyAlignmentConfig(**{**config.__dict__, "runs": ["NFT + judge"], "rewards_from": str(tmp_path)})
+    again = run_alignment_experiment(tmp_path / "again", reused)
+    assert again["runs"]["NFT + judge"]["test_gain"] == result["runs"]["NFT + judge"]["test_gain"]  # seeded: the same again
+    with pytest.raises(ValueError, match="not early"):
+        run_alignment_experiment(tmp_path / "other", ToyAlignmentConfig(**{**reused.__dict__, "base": "early"}))
 
 
 def test_efficiency_finds_where_dina_reaches_the_pixel_rewards_best_gain():
@@ -135,9 +187,11 @@ def test_efficiency_finds_where_dina_reaches_the_pixel_rewards_best_gain():
 
     pixel = [history([0.0, 0.02, 0.06, 0.01], 2.0), history([0.0, 0.04, 0.04, 0.03], 2.0)]  # mean best +0.05 at step 10, 20 CPU-s
     dina = [history([0.0, 0.05, 0.08, 0.0], 1.0), history([0.0, 0.03, 0.04, 0.0], 1.0)]  # mean 0.04 at step 5, 0.06 at step 10
-    found = efficiency({"ReFL + pixel reward": pixel, "ReFL + DiNa-LRM": dina}, "ReFL")
+    found = efficiency({"ReFL + pixel reward": pixel, "ReFL + DiNa-LRM": dina}, "ReFL", at="best")
     assert found["pixel_best_gain"] == pytest.approx(0.05) and found["pixel_cpu_seconds"] == 20
     assert found["dina_step_to_reach"] == 10 and found["ratio"] == pytest.approx(10 / 20)
     falling = [history([0.0, -0.01, -0.2, -0.3], 2.0)]
-    assert efficiency({"ReFL + pixel reward": falling, "ReFL + DiNa-LRM": dina}, "ReFL")["ratio"] is None
+    assert efficiency({"ReFL + pixel reward": falling, "ReFL + DiNa-LRM": dina}, "ReFL", at="best")["ratio"] is None
+    final = efficiency({"ReFL + pixel reward": pixel, "ReFL + DiNa-LRM": dina}, "ReFL")  # the pixel reward's last evaluation: +0.02
+    assert final["pixel_best_gain"] == pytest.approx(0.02) and final["dina_step_to_reach"] == 5
     assert efficiency({"ReFL + DiNa-LRM": dina}, "ReFL") is None

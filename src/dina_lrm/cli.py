@@ -1,4 +1,4 @@
-"""Command line: ``dina-lrm score | prepare | train | eval | serve | align | demo | toyworld pretrain | toyworld align | toyworld ablations | toyworld benchmark``."""
+"""Command line: ``dina-lrm score | prepare | train | eval | serve | align | demo | toyworld pretrain | toyworld bias | toyworld align | toyworld ablations | toyworld benchmark``."""
 
 from __future__ import annotations
 
@@ -211,9 +211,19 @@ def run_toy_align(args) -> int:
     from dina_lrm.config import apply_overrides, from_dict
     from dina_lrm.toyworld.alignment import ToyAlignmentConfig, run_alignment_experiment
 
-    raw = apply_overrides({k: getattr(args, k) for k in ("seeds", "runs") if getattr(args, k)}, args.set)
+    raw = apply_overrides({k: getattr(args, k) for k in ("base", "seeds", "runs") if getattr(args, k)}, args.set)
     run_alignment_experiment(args.out, from_dict(ToyAlignmentConfig, raw), overwrite=args.overwrite)
     print((Path(args.out) / "alignment.md").read_text())
+    return 0
+
+
+def run_toy_bias(args) -> int:
+    from dina_lrm.config import apply_overrides
+    from dina_lrm.toyworld.alignment import biased_base_recipe
+    from dina_lrm.toyworld.pretrain import pretrain
+
+    pretrain(Path(args.out), biased_base_recipe(**apply_overrides({}, args.set)))
+    print(f"Wrote the biased toy generator to {args.out}")
     return 0
 
 
@@ -460,15 +470,22 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--generator-from", help="continue training this toy pipeline directory's generator (its VAE is kept)")
     pretrain.add_argument("--save-dtype", choices=DTYPE_NAMES, help="precision of the saved weights (default float32)")
     pretrain.set_defaults(func=run_pretrain)
-    toy_align = toyworld.add_parser("align", help="the alignment experiment: ReFL and GRPO with DiNa-LRM, the pixel reward and "
-                                    "the judge on the early toy generator, several seeds (see docs/alignment.md)")
+    toy_align = toyworld.add_parser("align", help="the alignment experiment: DiffusionNFT with the judge, DiNa-LRM and the pixel "
+                                    "reward, ReFL with DiNa-LRM, on the biased toy generator after its gate, several seeds "
+                                    "(see docs/alignment.md)")
     toy_align.add_argument("--out", default="demo_out/alignment")
+    toy_align.add_argument("--base", help="biased (default), early, or a toy pipeline directory")
     toy_align.add_argument("--seeds", type=int, nargs="+", help="(default: 0 1 2)")
-    toy_align.add_argument("--runs", nargs="+", metavar="RUN", help="a subset of the runs, by name (default: all five)")
+    toy_align.add_argument("--runs", nargs="+", metavar="RUN", help="a subset of the runs, by name (default: all but 'GRPO + judge')")
     toy_align.add_argument("--overwrite", action="store_true", help="replace an earlier experiment in --out")
     toy_align.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                           help="override a ToyAlignmentConfig key, e.g. refl.max_steps=20")
+                           help="override a ToyAlignmentConfig key, e.g. settings.nft.max_steps=20")
     toy_align.set_defaults(func=run_toy_align)
+    bias = toyworld.add_parser("bias", help="the biased base: continue the shipped generator on renders that draw half of the "
+                               "object groups in a confusion colour (the recipe of the shipped pretrained_biased)")
+    bias.add_argument("--out", required=True)
+    bias.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a PretrainConfig key, e.g. generator_steps=200")
+    bias.set_defaults(func=run_toy_bias)
     ablations = toyworld.add_parser("ablations", help="the paper's reward-model table in the toy world: every ablation row, "
                                     "several seeds, intervals (see docs/toyworld.md)")
     ablations.add_argument("--out", default="demo_out/ablations")

@@ -1,8 +1,9 @@
 """Reward-guided sampling: search during denoising, pruning candidates on their noisy latents.
 
 A DiNa-LRM was trained on latents noised to level sigma, so it scores a sample mid-trajectory, on its
-own noisy latent x_t, in distribution: no decode, no x0 prediction. Strategies, for a flow-matching
-SD3 / SD3.5 pipeline and a DiNa-LRM of the same backbone:
+own noisy latent x_t, in distribution: no decode, no x0 prediction. Strategies, for any generator with
+a policy adapter (SD3 / SD3.5, FLUX.1, Z-Image, Qwen-Image: ``models/*_policy.py``) and a DiNa-LRM of
+the same backbone:
 
 * ``best_of_n``: N samples, scored once at the end on their clean latents; the best is returned;
 * ``prune`` (prune-and-continue): N candidates are scored at checkpoints sigma_1 > sigma_2 > ...
@@ -28,11 +29,11 @@ from PIL import Image, ImageDraw, ImageOps
 from tqdm.auto import tqdm
 
 from dina_lrm.align.rewards import AlignReward, weight_sharing_copy
-from dina_lrm.align.sampling import Schedule, TextConditioning, initial_noise, predict_velocity
+from dina_lrm.align.sampling import initial_noise, noisy_step
 from dina_lrm.data.images import vae_decode
-from dina_lrm.models.backbones import backbone_name
+from dina_lrm.models.backbones import backbone_name, policy_for
+from dina_lrm.models.policy import TextConditioning
 from dina_lrm.models.reward_model import DiNaLRM
-from dina_lrm.models.sd3_text import SD3PromptEncoder
 from dina_lrm.scorer import Scorer
 
 STRATEGIES = ("best_of_n", "prune", "beam")
@@ -45,9 +46,10 @@ class SearchConfig:
     keep: int = 4  # survivors after the last checkpoint (prune, beam)
     at: list[float] = field(default_factory=lambda: [0.6, 0.3])  # checkpoint sigmas, decreasing, in (0, 1)
     steps: int = 28
-    guidance_scale: float = 4.5
+    guidance_scale: float | None = None  # default: the pipeline's own
     negative_prompt: str = ""
-    max_sequence_length: int = 128  # T5 tokens of the generator's own text conditioning
+    resolution: int | None = None  # image side in pixels (default: the transformer's native size)
+    max_sequence_length: int | None = None  # text tokens of the generator's own conditioning (default: its encoder's)
     beam_noise_level: float = 0.7  # beam: SDE noise of the steps after the first checkpoint
     final_u: float = 0.4  # the default final reward: DiNa-LRM on the clean latents at this u
     seed: int = 0
@@ -85,7 +87,7 @@ class PromptSearch:
 
 
 class Searcher:
-    """Runs a :class:`SearchConfig` with ``pipe`` (an SD3 / SD3.5 pipeline) and ``scorer`` (a DiNa-LRM
+    """Runs a :class:`SearchConfig` with ``pipe`` (a generator with a policy adapter) and ``scorer`` (a DiNa-LRM
     of the same generator; it scores the checkpoints and, unless ``final_reward`` (an alignment reward:
     ``reward(latents, prompts, seed)``) is given, the end)."""
 
@@ -95,14 +97,14 @@ class Searcher:
             raise ValueError("the pipeline's transformer carries LoRA layers (a reward built on it?): the generator would sample "
                              "with them; build the reward with Searcher.from_pretrained, on a weight-sharing copy")
         generator, reward = backbone_name(pipe.transformer), scorer.model.backbone_name
-        if generator != "sd3":
-            raise ValueError(f"reward-guided sampling runs SD3 / SD3.5 pipelines; this one's transformer is {generator}")
         if reward != generator:
             raise ValueError(f"the reward is built on the {reward} backbone but the pipeline is {generator}: use a reward of this generator")
         self.pipe, self.scorer, self.config = pipe, scorer, config
         self.final_reward = final_reward
-        self.text = SD3PromptEncoder.from_pipeline(pipe, max_sequence_length=config.max_sequence_length)
-        self.schedule = Schedule.from_scheduler(pipe.scheduler, config.steps)
+        self.policy = policy_for(pipe, config.max_sequence_length)
+        self.latent_shape = self.policy.latent_shape(config.resolution)
+        self.schedule = self.policy.schedule(config.steps, self.latent_shape)
+        self.guidance = self.policy.default_guidance if config.guidance_scale is None else config.guidance_scale
         self.checkpoints = self._checkpoint_steps()
 
     @classmethod
@@ -125,9 +127,7 @@ class Searcher:
         return steps
 
     def _conditioning(self, prompt: str, count: int) -> TextConditioning:
-        states, pooled = self.text([prompt])
-        negative, negative_pooled = self.text([self.config.negative_prompt])
-        return TextConditioning(states, pooled, negative, negative_pooled).repeat(count)
+        return self.policy.encode([prompt], self.config.negative_prompt).repeat(count)
 
     @torch.no_grad()
     def noisy_scores(self, latents: torch.Tensor, prompt: str, step: int) -> torch.Tensor:
@@ -144,8 +144,7 @@ class Searcher:
         generator = torch.Generator().manual_seed(config.seed if seed is None else seed)
         transformer = self.pipe.transformer
         device = next(transformer.parameters()).device
-        shape = (transformer.config.in_channels, transformer.config.sample_size, transformer.config.sample_size)
-        x = initial_noise(config.n, shape, generator, device)
+        x = initial_noise(config.n, self.latent_shape, generator, device)
         candidates = list(range(config.n))
         text = self._conditioning(prompt, config.n)
         scores: dict[str, dict[str, list]] = {}
@@ -162,8 +161,8 @@ class Searcher:
                 pruned += [(c, float(schedule.sigmas[step]), latent.cpu()) for c, latent in before.items() if c not in candidates]
                 text = self._conditioning(prompt, len(x))
                 beam_noise = config.beam_noise_level if config.strategy == "beam" else 0.0
-            velocity = predict_velocity(transformer, x, schedule.timesteps[step], text, config.guidance_scale)
-            x = schedule.step(step, x, velocity, beam_noise, generator=generator).sample
+            velocity = self.policy.velocity(transformer, x, float(schedule.sigmas[step]), text, self.guidance)
+            x = noisy_step(schedule, step, x, velocity, beam_noise, generator=generator).sample
             calls += len(x)
         final = self.final_scores(x, candidates, prompt, config.seed if seed is None else seed)
         scores["final"] = {"candidates": list(candidates), "scores": final.tolist()}

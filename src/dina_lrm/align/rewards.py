@@ -34,6 +34,7 @@ from dina_lrm.models.reward_model import DiNaLRM
 from dina_lrm.scorer import DTYPES, ScoreResult, Scorer
 
 SCALES = ("normalized", "raw")
+INPUTS = ("images", "latents")
 
 
 def flow_grpo_reward(
@@ -175,6 +176,21 @@ class DecodedImageReward:
         return torch.as_tensor(scores, dtype=torch.float32, device=latents.device).reshape(-1)
 
 
+class LatentFunctionReward:
+    """A Flow-GRPO style function that reads the clean latents itself (a ``python`` reward with
+    ``input: latents``): ``fn(latents (N, C, h, w), prompts, metadata) -> (scores, info)``, no decode."""
+
+    def __init__(self, fn: Callable, name: str, differentiable: bool = False):
+        self.fn, self.name, self.differentiable = fn, name, differentiable
+        self.details: dict[str, np.ndarray] = {}
+
+    def __call__(self, latents: torch.Tensor, prompts: list[str], seed: int) -> torch.Tensor:
+        prompts = list(prompts)
+        scores, info = self.fn(latents, prompts, [{} for _ in prompts])
+        self.details = per_sample_details(info, len(prompts))
+        return torch.as_tensor(scores, dtype=torch.float32, device=latents.device).reshape(-1)
+
+
 def per_sample_details(info, count: int) -> dict[str, np.ndarray]:
     """The entries of a reward's ``info`` that hold one number per sample."""
     details = {}
@@ -195,10 +211,11 @@ class RewardSpec:
     kind ``dina``: a DiNa-LRM directory (``path``) scoring the clean latents at ``u`` (or as the ensemble
     of ``noise_levels``) with ``n_draws`` noise draws, on the ``scale`` asked for. Its backbone is the policy's generator unless ``model``
     names another; on the policy's own generator it shares the policy's frozen weights (``share_backbone``).
-    kind ``python``: ``target`` = ``module:attr`` or ``file.py:attr``, a Flow-GRPO style image reward
-    ``factory(device)`` (with ``kwargs``, ``target(**kwargs)`` returns the factory); the loop decodes
-    the latents with the generator's VAE first. ``differentiable``: its scores are torch tensors with a
-    graph back to the images, so ReFL and DRaFT can use it.
+    kind ``python``: ``target`` = ``module:attr`` or ``file.py:attr``, a Flow-GRPO style reward
+    ``factory(device)`` (with ``kwargs``, ``target(**kwargs)`` returns the factory); with ``input: images``
+    the loop decodes the latents with the generator's VAE first, with ``input: latents`` the function
+    reads the latents (a function that declares ``inputs = "images"`` is refused). ``differentiable``:
+    its scores are torch tensors with a graph back to its input, so ReFL and DRaFT can use it.
     """
 
     kind: str = "dina"
@@ -213,6 +230,8 @@ class RewardSpec:
     kwargs: dict = field(default_factory=dict)
     differentiable: bool = False
     name: str = ""
+    input: str = "images"  # python rewards: images (decoded first) or latents (read as they are)
+    weight: float = 1.0  # in the mix of rewards: grpo and nft weigh each reward's normalised advantages, refl and draft its score (0: logged only)
 
     def validate(self) -> None:
         kinds = ("dina", "python")
@@ -223,6 +242,10 @@ class RewardSpec:
         if self.kind == "python" and not self.target:
             raise ValueError("a python reward needs target: module:attr or file.py:attr (a factory(device))")
         _check_scale(self.scale)
+        if self.weight < 0:
+            raise ValueError(f"a reward's weight must be >= 0, got {self.weight}")
+        if self.input not in INPUTS:
+            raise ValueError(f"unknown reward input {self.input!r}; choose one of {INPUTS}")
 
 
 def build_reward(spec: RewardSpec, *, generator: str, pipe, device, dtype: str = "float32") -> AlignReward:
@@ -242,7 +265,12 @@ def build_reward(spec: RewardSpec, *, generator: str, pipe, device, dtype: str =
     factory = import_object(spec.target, "reward target")
     if spec.kwargs:
         factory = factory(**spec.kwargs)
-    return DecodedImageReward(pipe.vae, factory(device), spec.name or spec.target, spec.differentiable)
+    fn, name = factory(device), spec.name or spec.target
+    if spec.input == "latents":
+        if getattr(fn, "inputs", None) == "images":
+            raise ValueError(f"the reward {name} scores images only and cannot take latents: set its input to images")
+        return LatentFunctionReward(fn, name, spec.differentiable)
+    return DecodedImageReward(pipe.vae, fn, name, spec.differentiable)
 
 
 def weight_sharing_copy(module: torch.nn.Module) -> torch.nn.Module:

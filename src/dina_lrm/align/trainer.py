@@ -1,15 +1,10 @@
-"""``dina-lrm align``: preference optimisation of a rectified-flow generator's LoRA against a reward.
+"""``dina-lrm align``: preference optimisation of a rectified-flow generator's LoRA against rewards.
 
-Three methods, one loop (accelerate: each process samples its own prompts, gradients are averaged):
-
-* ``grpo`` (Flow-GRPO, and Flow-GRPO-Fast with ``sde_window_size``): G SDE (or CPS) samples per
-  prompt, rewards normalised per prompt (by the group's or the batch's std) into advantages, several
-  rewards mixed with weights; the PPO-style clipped ratio objective over the noisy steps, optional KL
-  of the SDE means to the frozen generator's, split into ``updates_per_step`` optimizer steps.
-* ``refl`` (the paper's ReFL recipe): ODE without gradient up to a random late stop index, one
-  grad-enabled conditional step, the reward of its clean prediction ``x0_hat`` back-propagated;
-  optional flow-matching "pretrain" loss and L2 to the frozen generator's velocity.
-* ``draft`` (DRaFT-K): ODE samples whose last K steps keep the graph; the loss is minus the reward.
+One loop (accelerate: each process samples its own prompts, gradients are averaged) runs any method
+of ``align/methods/`` (``grpo``, ``refl``, ``nft``, ``draft``) on any generator family with a policy
+adapter (``models/*_policy.py``: SD3 / SD3.5, FLUX.1, Z-Image, Qwen-Image). The loop owns the policy's
+LoRA and optimizer, the rewards (built before the LoRA, so a DiNa-LRM on the same generator shares its
+frozen weights), the EMA, evaluation and the hacking guard, checkpoints and outputs.
 
 Every ``eval_every`` steps the validation prompts are sampled with fixed seeds and scored by the reward
 and by an independent judge; the best evaluation by the judge is kept (``best/``), and at the end the
@@ -36,32 +31,18 @@ from tqdm import tqdm
 
 from dina_lrm.align.config import AlignConfig, read_prompts
 from dina_lrm.align.ema import EMA
-from dina_lrm.align.grpo import clipped_policy_loss, group_advantages
 from dina_lrm.align.guard import JudgeGuard
-from dina_lrm.align.refl import REFL_LOSS_OFFSET, LatentSet, draw_stop_index, flow_matching_loss, predicted_clean
+from dina_lrm.align.methods import method_class
 from dina_lrm.align.rewards import build_reward
-from dina_lrm.align.sampling import Schedule, TextConditioning, initial_noise, predict_velocity, sample_ode, sample_sde
-from dina_lrm.align.sde import gaussian_kl
-from dina_lrm.data.images import vae_decode, vae_scale_factor
+from dina_lrm.align.sampling import VelocityFn, initial_noise, sample_ode
+from dina_lrm.data.images import vae_decode
 from dina_lrm.distributed import cpu_only
 from dina_lrm.eval.cost import MemoryMeter
-from dina_lrm.models.sd3_text import SD3PromptEncoder
-from dina_lrm.noise import SigmaTable
+from dina_lrm.models.backbones import policy_for
+from dina_lrm.models.policy import Schedule, TextConditioning
 from dina_lrm.outputs import claim_output
 from dina_lrm.scorer import DTYPES, load_pipeline
 from dina_lrm.train.checkpoint import load_state, newest_verified, save_state, verify, write_manifest
-
-
-def latent_shape(transformer, vae, resolution: int | None) -> tuple[int, int, int]:
-    config = transformer.config
-    if resolution is None:
-        return (config.in_channels, config.sample_size, config.sample_size)
-    multiple = vae_scale_factor(vae) * config.patch_size
-    if resolution % multiple:
-        raise ValueError(f"resolution {resolution} must be a multiple of {multiple} (VAE factor x patch size)")
-    side = resolution // vae_scale_factor(vae)
-    return (config.in_channels, side, side)
-
 
 ALIGN_OUTPUTS = ["checkpoints", "metrics.jsonl", "lora", "best", "samples", "history.json", "summary.json"]
 
@@ -73,37 +54,45 @@ class Aligner:
         self.accelerator = Accelerator(cpu=cpu_only())
         device = self.accelerator.device
         self.pipe = (pipe or load_pipeline(config.generator, DTYPES[config.dtype])).to(device)
-        for module in (self.pipe.vae, self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.text_encoder_3, self.pipe.transformer):
-            if module is not None:
+        for module in self.pipe.components.values():
+            if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False)
+        self.adapter = policy_for(self.pipe, config.max_sequence_length)
         # the rewards first: a DiNa-LRM on this generator shares its weights, before the policy's LoRA exists
         kwargs = dict(generator=config.generator, pipe=self.pipe, device=device, dtype=config.dtype)
         self.rewards = [build_reward(spec, **kwargs) for spec in config.all_rewards]
         self.judge = build_reward(config.judge, **kwargs) if config.judge is not None else None
-        self.policy, self.optimizer, trainable = self.add_policy_lora(self.pipe.transformer)
-        self.ema = EMA(trainable, config.ema_decay, config.ema_every) if config.ema_decay else None
-        self.latent_shape = latent_shape(self.pipe.transformer, self.pipe.vae, config.resolution)
-        self.prompt_encoder = SD3PromptEncoder.from_pipeline(self.pipe, max_sequence_length=config.max_sequence_length)
+        self.policy, self.optimizer, self.trainable = self.add_policy_lora(self.pipe.transformer)
+        self.ema = EMA(self.trainable, config.ema, config.ema_every) if config.ema else None
+        self.latent_shape = self.adapter.latent_shape(config.resolution)
+        self.train_guidance = self.default_guidance() if config.guidance_scale is None else config.guidance_scale
+        self.eval_guidance = self.train_guidance if config.eval_guidance_scale is None else config.eval_guidance_scale
         self.train_prompts = read_prompts(config.prompts)
         self.eval_prompts = read_prompts(config.eval_prompts or config.prompts, config.num_eval_prompts)
         self.test_prompts = read_prompts(config.test_prompts, config.num_test_prompts) if config.test_prompts else []
-        self.train_schedule = Schedule.from_scheduler(self.pipe.scheduler, config.sampling_steps)
-        self.eval_schedule = Schedule.from_scheduler(self.pipe.scheduler, config.eval_sampling_steps)
-        self.latent_set = LatentSet.from_shards(config.pretrain_data) if config.method == "refl" and config.pretrain_weight else None
-        self.sigma_table = SigmaTable.from_scheduler(self.pipe.scheduler)
+        self.train_schedule = self.adapter.schedule(config.sampling_steps, self.latent_shape)
+        self.eval_schedule = self.adapter.schedule(config.eval_sampling_steps, self.latent_shape)
+        self.method = method_class(config.method)(self)
         self.out = Path(config.out)
         self.guard = JudgeGuard(config.early_stop_patience, config.divergence_tolerance)
         self.step, self.train_seconds, self.train_cpu_seconds, self.history, self.test = 0, 0.0, 0.0, [], {}
         self.best_lora: dict[str, torch.Tensor] | None = None
 
+    def default_guidance(self) -> float:
+        """DiffusionNFT rolls out without classifier-free guidance; the other methods use the pipeline's default."""
+        default = self.adapter.default_guidance
+        return self.adapter.conditional_scale(default) if self.config.method == "nft" else default
+
     def add_policy_lora(self, transformer):
         config = self.config
+        targets = config.lora_targets or self.adapter.lora_targets
         torch.manual_seed(config.seed)  # the LoRA's initial weights
-        transformer.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, init_lora_weights="gaussian",
-                                           target_modules=config.lora_targets))
+        try:
+            transformer.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, init_lora_weights="gaussian",
+                                               target_modules=targets))
+        except ValueError as error:
+            raise ValueError(f"no trainable parameters: lora_targets {targets} match no module of the transformer ({error})") from None
         trainable = [p for p in transformer.parameters() if p.requires_grad]
-        if not trainable:
-            raise ValueError(f"no trainable parameters: lora_targets {config.lora_targets} match no module of the transformer")
         for parameter in trainable:  # the LoRA trains in float32 over a bf16/fp16 generator (PEFT casts its inputs)
             parameter.data = parameter.data.float()
         optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -115,13 +104,15 @@ class Aligner:
         """The reward being optimised (the first of ``rewards``)."""
         return self.rewards[0]
 
-    # Text -------------------------------------------------------------------------------------
+    # Text and velocities ----------------------------------------------------------------------
 
     def conditioning(self, prompts: list[str]) -> TextConditioning:
-        states, pooled = self.prompt_encoder(prompts)
-        negative, negative_pooled = self.prompt_encoder([self.config.negative_prompt])
-        batch = len(prompts)
-        return TextConditioning(states, pooled, negative.expand(batch, -1, -1), negative_pooled.expand(batch, -1))
+        return self.adapter.encode(prompts, self.config.negative_prompt)
+
+    def velocity_fn(self, text: TextConditioning, schedule: Schedule, guidance: float | None = None) -> VelocityFn:
+        """``velocity(x, i)``: the policy's guided velocity at step i of ``schedule`` (training guidance by default)."""
+        scale = self.train_guidance if guidance is None else guidance
+        return lambda x, i: self.adapter.velocity(self.policy, x, float(schedule.sigmas[i]), text, scale)
 
     def step_generator(self) -> torch.Generator:
         """Seeded by (seed, step, process): a resumed run draws exactly what the uninterrupted one did."""
@@ -142,19 +133,23 @@ class Aligner:
         generator = self.step_generator()
         prompts = self.step_prompts(generator)
         timings: dict[str, float] = {}
-        method = {"grpo": self.grpo_step, "refl": self.refl_step, "draft": self.draft_step}[self.config.method]
         with MemoryMeter(self.accelerator.device) as memory:
-            stats = method(prompts, generator, timings)
+            stats = self.method.step(prompts, generator, timings)
         if self.ema is not None:
             self.ema.update(self.step + 1)
+        self.method.after_step(self.step + 1)
         stats.update({f"time_{k}_s": v for k, v in timings.items()}, peak_memory_mib=memory.peak_mib)
         return stats
+
+    @property
+    def reward_weights(self) -> list[float]:
+        return self.config.reward_weights
 
     def score_all(self, latents: torch.Tensor, prompts: list[str], seed: int) -> list[torch.Tensor]:
         """Every reward's scores (a reward of weight 0 only logged, without a graph); NaN or inf is refused
         with the reward's name."""
         scores = []
-        for reward, weight in zip(self.rewards, self.config.reward_weights):
+        for reward, weight in zip(self.rewards, self.reward_weights):
             with torch.no_grad() if not weight else nullcontext():
                 values = reward(latents, prompts, seed=seed)
             if not torch.isfinite(values.detach()).all():
@@ -168,75 +163,6 @@ class Aligner:
         stats.update({f"reward_mean/{reward.name}": float(values.detach().mean()) for reward, values in zip(self.rewards[1:], scores[1:])})
         return stats
 
-    def grpo_step(self, prompts: list[str], generator: torch.Generator, timings: dict) -> dict:
-        config, schedule = self.config, self.train_schedule
-        group = config.group_size
-        expanded = [p for p in prompts for _ in range(group)]
-        text = self.conditioning(prompts).repeat(group)
-        start = time.perf_counter()
-        self.policy.eval()
-        shared = None
-        if config.same_initial_noise:  # a group's samples then differ only by the noise the policy's steps draw
-            shared = initial_noise(len(prompts), self.latent_shape, generator, text.states.device).repeat_interleave(group, dim=0)
-        trajectory = sample_sde(self.policy, schedule, text, self.latent_shape, config.guidance_scale, config.noise_level, generator,
-                                config.sde_type, self.noisy_steps(generator), start=shared)
-        timings["sampling"] = time.perf_counter() - start
-        start = time.perf_counter()
-        with torch.no_grad():
-            scores = self.score_all(trajectory.final, expanded, self.reward_seed(generator))
-        advantages = group_advantages([s.float().cpu() for s in scores], group, config.reward_weights, config.advantage_clip,
-                                      config.global_std).to(trajectory.final.device)
-        timings["reward"] = time.perf_counter() - start
-        start = time.perf_counter()
-        steps = self.trained_steps(trajectory.noisy_steps, generator)
-        order = torch.randperm(len(expanded), generator=generator)
-        losses, clip_fractions, kls = [], [], []
-        self.policy.train()
-        for minibatch in order.chunk(config.updates_per_step):
-            self.optimizer.zero_grad(set_to_none=True)
-            sub_text = text.index(minibatch)
-            for i in steps:
-                loss, clip_fraction, kl = self.grpo_loss(trajectory, i, minibatch, sub_text, advantages[minibatch])
-                self.accelerator.backward(loss / len(steps))
-                losses.append(loss.item())
-                clip_fractions.append(float(clip_fraction))
-                kls.append(float(kl))
-            self.clip_and_step()
-        timings["update"] = time.perf_counter() - start
-        return {**self.reward_stats(scores), "loss": sum(losses) / len(losses), "clip_fraction": sum(clip_fractions) / len(clip_fractions),
-                "kl": sum(kls) / len(kls), "advantage_abs_mean": float(advantages.abs().mean())}
-
-    def noisy_steps(self, generator: torch.Generator) -> list[int] | None:
-        """Flow-GRPO-Fast: a window of ``sde_window_size`` steps placed at random within the range; None: every step."""
-        size = self.config.sde_window_size
-        if not size:
-            return None
-        first, end = self.config.noise_window
-        start = int(torch.randint(first, end - size + 1, (1,), generator=generator))
-        return list(range(start, start + size))
-
-    def trained_steps(self, noisy_steps: list[int], generator: torch.Generator) -> list[int]:
-        """All noisy steps of a window; without one, a random ``timestep_fraction`` of them."""
-        if self.config.sde_window_size:
-            return list(noisy_steps)
-        trained = max(1, round(self.config.timestep_fraction * len(noisy_steps)))
-        return [noisy_steps[i] for i in torch.randperm(len(noisy_steps), generator=generator)[:trained].tolist()]
-
-    def grpo_loss(self, trajectory, i: int, minibatch: torch.Tensor, text: TextConditioning, advantages: torch.Tensor):
-        config, schedule = self.config, self.train_schedule
-        sample, next_sample = trajectory.latents[i][minibatch], trajectory.latents[i + 1][minibatch]
-        velocity = predict_velocity(self.policy, sample, schedule.timesteps[i], text, config.guidance_scale)
-        step = schedule.step(i, sample, velocity, config.noise_level, config.sde_type, next_sample=next_sample)
-        loss, clip_fraction = clipped_policy_loss(step.log_prob, trajectory.log_probs[i][minibatch], advantages, config.clip_range)
-        kl = torch.zeros(())
-        if config.kl_coef > 0:
-            with torch.no_grad(), self.reference_policy():
-                reference = predict_velocity(self.policy, sample, schedule.timesteps[i], text, config.guidance_scale)
-                reference_mean = schedule.step(i, sample, reference, config.noise_level, config.sde_type, next_sample=next_sample).mean
-            kl = gaussian_kl(step.mean, reference_mean, step.std).mean()
-            loss = loss + config.kl_coef * kl
-        return loss, clip_fraction, kl.detach()
-
     @contextmanager
     def reference_policy(self):
         """The frozen generator: the same transformer with its LoRA switched off."""
@@ -246,69 +172,6 @@ class Aligner:
             yield
         finally:
             model.enable_adapters()
-
-    def refl_step(self, prompts: list[str], generator: torch.Generator, timings: dict) -> dict:
-        config, schedule = self.config, self.train_schedule
-        text = self.conditioning(prompts)
-        stop = draw_stop_index(config.stop_window, generator)
-        start = time.perf_counter()
-        self.policy.eval()
-        with torch.no_grad():
-            latents = sample_ode(self.policy, schedule, text, self.latent_shape, config.guidance_scale, generator, stop=stop)
-        timings["sampling"] = time.perf_counter() - start
-        start = time.perf_counter()
-        self.policy.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        velocity = predict_velocity(self.policy, latents, schedule.timesteps[stop], text, guidance_scale=1.0)
-        clean = predicted_clean(latents, velocity, float(schedule.sigmas[stop]))
-        timings["policy_forward"] = time.perf_counter() - start
-        start = time.perf_counter()
-        scores = self.score_all(clean, prompts, self.reward_seed(generator))
-        timings["reward"] = time.perf_counter() - start
-        start = time.perf_counter()
-        refl = sum(w * (REFL_LOSS_OFFSET - s).mean() for w, s in zip(config.reward_weights, scores) if w)
-        loss, stats = self.regularised(refl, latents, velocity, schedule.timesteps[stop], text, generator)
-        self.accelerator.backward(loss)
-        self.clip_and_step()
-        timings["update"] = time.perf_counter() - start
-        return {**self.reward_stats(scores), **stats, "loss": float(loss.detach()), "stop_index": stop, "clip_fraction": 0.0}
-
-    def regularised(self, loss: torch.Tensor, latents, velocity, timestep, text: TextConditioning, generator) -> tuple[torch.Tensor, dict]:
-        """Add the L2 to the frozen generator's velocity (``kl_coef``) and mix in the flow-matching loss
-        as ``(L + lambda L_pt) / (1 + lambda)``."""
-        config, stats = self.config, {"kl": 0.0}
-        if config.kl_coef > 0:
-            with torch.no_grad(), self.reference_policy():
-                reference = predict_velocity(self.policy, latents, timestep, text, guidance_scale=1.0)
-            drift = (velocity - reference).pow(2).mean()
-            loss = loss + config.kl_coef * drift
-            stats["kl"] = float(drift.detach())
-        if self.latent_set is not None:
-            batch, batch_prompts = self.latent_set.batch(config.pretrain_batch_size, generator)
-            states, pooled = self.prompt_encoder(batch_prompts)
-            pretrain = flow_matching_loss(self.policy, batch.to(latents.device), states, pooled, self.sigma_table, generator)
-            loss = (loss + config.pretrain_weight * pretrain) / (1 + config.pretrain_weight)
-            stats["pretrain_loss"] = float(pretrain.detach())
-        return loss, stats
-
-    def draft_step(self, prompts: list[str], generator: torch.Generator, timings: dict) -> dict:
-        config = self.config
-        start = time.perf_counter()
-        self.policy.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        text = self.conditioning(prompts)
-        latents = sample_ode(self.policy, self.train_schedule, text, self.latent_shape, config.guidance_scale, generator,
-                             grad_last_k=config.draft_k, checkpointed=config.gradient_checkpointing)
-        timings["sampling"] = time.perf_counter() - start
-        start = time.perf_counter()
-        scores = self.score_all(latents, prompts, self.reward_seed(generator))
-        timings["reward"] = time.perf_counter() - start
-        start = time.perf_counter()
-        loss = -sum(w * s.mean() for w, s in zip(config.reward_weights, scores) if w)
-        self.accelerator.backward(loss)
-        self.clip_and_step()
-        timings["update"] = time.perf_counter() - start
-        return {**self.reward_stats(scores), "loss": float(loss.detach()), "clip_fraction": 0.0, "kl": 0.0}
 
     def clip_and_step(self) -> None:
         parameters = [p for p in self.policy.parameters() if p.requires_grad]
@@ -329,8 +192,10 @@ class Aligner:
         local = list(range(state.process_index, len(prompts), state.num_processes))
         self.policy.eval()
         generator = torch.Generator().manual_seed(seed + state.process_index)
-        latents = sample_ode(self.policy, self.eval_schedule, self.conditioning([prompts[i] for i in local]), self.latent_shape,
-                             config.guidance_scale, generator)
+        text = self.conditioning([prompts[i] for i in local])
+        noise = initial_noise(len(local), self.latent_shape, generator, text.states.device)
+        with torch.no_grad():
+            latents = sample_ode(self.velocity_fn(text, self.eval_schedule, self.eval_guidance), self.eval_schedule, noise)
         if grid is not None and state.is_main_process:
             save_sample_grid(self.pipe.vae, latents[:16], grid)
         local_prompts = [prompts[i] for i in local]
@@ -396,6 +261,8 @@ class Aligner:
                 save_file(self.best_lora, str(directory / "best_lora.safetensors"))
             if self.ema is not None:
                 save_file(self.ema.state_dict(), str(directory / "ema.safetensors"))
+            if self.method.state_dict():
+                save_file(self.method.state_dict(), str(directory / "method.safetensors"))
             save_state(self.optimizer.state_dict(), directory, "optimizer")
             state = {"step": self.step, "train_seconds": self.train_seconds, "train_cpu_seconds": self.train_cpu_seconds,
                      "history": self.history, "test": self.test, "config": asdict(self.config)}
@@ -423,6 +290,8 @@ class Aligner:
             self.best_lora = load_file(str(directory / "best_lora.safetensors"))
         if self.ema is not None:
             self.ema.load_state_dict(load_file(str(directory / "ema.safetensors")))
+        if (directory / "method.safetensors").is_file():
+            self.method.load_state_dict(load_file(str(directory / "method.safetensors")))
         self.optimizer.load_state_dict(load_state(directory, "optimizer"))
         self.step, self.history, self.test = state["step"], state["history"], state["test"]
         self.train_seconds, self.train_cpu_seconds = state["train_seconds"], state["train_cpu_seconds"]
@@ -457,7 +326,7 @@ class Aligner:
                 record.update(self.evaluate())
             self.log_evaluated(record)
             progress.update(1)
-            progress.set_postfix(reward=f"{stats['reward_mean']:.3f}", **({"judge": f"{record['eval_judge']:.3f}"} if "eval_judge" in record else {}))
+            progress.set_postfix({key: f"{record[name]:.3f}" for key, name in (("reward", "reward_mean"), ("judge", "eval_judge")) if name in record})
             if self.step % config.checkpoint_every == 0:
                 self.save_checkpoint()
         progress.close()

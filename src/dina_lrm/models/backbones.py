@@ -19,17 +19,20 @@ class Registered:
     implementation: str  # "module:Class"
     prompt_encoder: str  # "module:Class" of its text conditioning (a CachedPromptEncoder)
     model_ids: tuple[str, ...]  # substrings of the hub ids of its generators (checks backbone_model_id)
+    policy: str  # "module:Class" of its policy adapter (how alignment and search drive the generator)
 
 
 BACKBONES = {
     "sd3": Registered("SD3Transformer2DModel", "dina_lrm.models.sd3:SD3Backbone", "dina_lrm.models.sd3_text:SD3PromptEncoder",
-                      ("stable-diffusion-3",)),
+                      ("stable-diffusion-3",), "dina_lrm.models.sd3_policy:SD3Policy"),
     "flux": Registered("FluxTransformer2DModel", "dina_lrm.models.flux:FluxBackbone", "dina_lrm.models.flux_text:FluxPromptEncoder",
-                       ("flux",)),
+                       ("flux",), "dina_lrm.models.flux_policy:FluxPolicy"),
     "zimage": Registered("ZImageTransformer2DModel", "dina_lrm.models.zimage:ZImageBackbone",
-                         "dina_lrm.models.zimage_text:ZImagePromptEncoder", ("z-image", "zimage")),
+                         "dina_lrm.models.zimage_text:ZImagePromptEncoder", ("z-image", "zimage"),
+                         "dina_lrm.models.zimage_policy:ZImagePolicy"),
     "qwenimage": Registered("QwenImageTransformer2DModel", "dina_lrm.models.qwenimage:QwenImageBackbone",
-                            "dina_lrm.models.qwenimage_text:QwenImagePromptEncoder", ("qwen-image", "qwenimage")),
+                            "dina_lrm.models.qwenimage_text:QwenImagePromptEncoder", ("qwen-image", "qwenimage"),
+                            "dina_lrm.models.qwenimage_policy:QwenImagePolicy"),
 }
 
 
@@ -55,6 +58,11 @@ def latent_patch_size(transformer: nn.Module) -> int:
 def prompt_encoder_for(transformer: nn.Module) -> type:
     """The text conditioning class of the generator ``transformer`` belongs to."""
     return _load(BACKBONES[backbone_name(transformer)].prompt_encoder)
+
+
+def policy_for(pipe, max_sequence_length: int | None = None):
+    """The policy adapter of ``pipe``'s generator family (see ``models/policy.py``)."""
+    return _load(BACKBONES[backbone_name(pipe.transformer)].policy)(pipe, max_sequence_length)
 
 
 def backbone_for(transformer: nn.Module, name: str = "", model_id: str = "") -> type:

@@ -29,17 +29,17 @@ def validation_curve(histories: list[list[dict]]) -> tuple[np.ndarray, np.ndarra
     return steps, seconds, gains
 
 
-def efficiency(histories: dict, method: str) -> dict | None:
-    """CPU-seconds DiNa-LRM needs to reach the validation judge gain of the pixel reward's kept checkpoint
-    (its best evaluation, mean of seeds), as a share of the CPU-seconds the pixel reward took to get
-    there (the paper: DiNa-LRM passes HPSv3's final score at ~30% of its steps). None without both
-    runs; ``ratio`` None when the pixel reward gained nothing or DiNa-LRM never reached it."""
+def efficiency(histories: dict, method: str, at: str = "final") -> dict | None:
+    """CPU-seconds DiNa-LRM needs to reach the pixel reward's validation judge gain (``at`` its final
+    evaluation, or its ``best``; curves averaged over seeds), as a share of the CPU-seconds the pixel
+    reward took to get there (the paper: DiNa-LRM passes HPSv3's final score at ~30% of its steps).
+    None without both runs; ``ratio`` None when the pixel reward gained nothing or DiNa-LRM never reached it."""
     dina, pixel = f"{method} + DiNa-LRM", f"{method} + pixel reward"
     if dina not in histories or pixel not in histories:
         return None
     _, pixel_seconds, pixel_gains = validation_curve(histories[pixel])
     steps, dina_seconds, dina_gains = validation_curve(histories[dina])
-    best = int(np.argmax(pixel_gains))
+    best = int(np.argmax(pixel_gains)) if at == "best" else len(pixel_gains) - 1
     target = float(pixel_gains[best])
     reached = np.nonzero(dina_gains >= target)[0] if target > 0 else []
     seconds = float(dina_seconds[reached[0]]) if len(reached) else None
@@ -48,11 +48,14 @@ def efficiency(histories: dict, method: str) -> dict | None:
             "ratio": seconds / float(pixel_seconds[best]) if seconds is not None else None}
 
 
-def plot_curves(histories: dict, path: Path) -> Path:
+LINESTYLES = {"NFT": "-", "ReFL": "--", "GRPO": "-.", "SFT": ":"}
+
+
+def plot_curves(histories: dict, path: Path, base: str) -> Path:
     figure, (by_seconds, by_step, own) = plt.subplots(1, 3, figsize=(16, 4.4))
     for name, runs in histories.items():
         steps, seconds, gains = validation_curve(runs)
-        style = dict(linestyle="-" if name.startswith("ReFL") else "--", marker="o", markersize=3, label=name)
+        style = dict(linestyle=LINESTYLES.get(name.split(" ")[0], ":"), marker="o", markersize=3, label=name)
         by_seconds.plot(seconds, gains, **style)
         by_step.plot(steps, gains, **style)
         rewards = np.mean([[r["eval_reward"] - evals[0]["eval_reward"] for r in evals[: len(steps)]]
@@ -68,7 +71,7 @@ def plot_curves(histories: dict, path: Path) -> Path:
         axis.axhline(0, color="grey", linewidth=0.8)
         axis.grid(alpha=0.3)
     own.legend(fontsize=7)
-    figure.suptitle("Aligning the early toy generator: validation judge and reward")
+    figure.suptitle(f"Aligning the {base} toy generator: validation judge and reward")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -95,19 +98,51 @@ def plot_clauses(runs: dict, path: Path) -> Path:
 
 
 def setting(config: dict, method: str, key: str):
-    """An AlignConfig key of the experiment's ReFL or GRPO runs: the override, else the experiment's setting, else 0."""
-    return config[method].get(key, config["settings"][method].get(key, 0))
+    """An AlignConfig key of the experiment's runs of ``method``: the override, else the default, else the common setting."""
+    for source in (config["settings"].get(method, {}), config["defaults"][method], config["common"]):
+        if key in source:
+            return source[key]
+    return 0
 
 
-def patience(config: dict) -> str:
-    stops = [f"{method} stops after {setting(config, key, 'early_stop_patience')} evaluations without a better judge"
-             for method, key in (("ReFL", "refl"), ("GRPO", "grpo")) if setting(config, key, "early_stop_patience")]
-    return "".join(f"; {stop}" for stop in stops)
+def gate_lines(runs: dict) -> list[str]:
+    """The biased base's gate: SFT on renders lifts it (>= +0.10), NFT with a constant reward leaves it (within 0.01)."""
+    lines = []
+    if "SFT on renders" in runs:
+        run = runs["SFT on renders"]
+        low, high = run["test_gain_ci"]
+        lines.append(f"* Fine-tuning on ground-truth renders, the alignment budget: test judge {run['test_gain']:+.3f} [{low:+.3f}, {high:+.3f}] "
+                     f"at the kept checkpoint, {run['test_final_gain']:+.3f} at the end (gate: >= +0.10: "
+                     f"{'passed' if run['test_gain'] >= 0.10 else 'failed'}).")
+    if "NFT + constant reward" in runs:
+        run = runs["NFT + constant reward"]
+        low, high = run["test_final_gain_ci"]
+        lines.append(f"* DiffusionNFT with every reward equal (r = 1/2): test judge {run['test_final_gain']:+.3f} [{low:+.3f}, {high:+.3f}] "
+                     f"at the end (gate: within 0.01: {'passed' if abs(run['test_final_gain']) <= 0.01 else 'failed'}).")
+    return lines
+
+
+def efficiency_lines(histories: dict) -> list[str]:
+    lines = []
+    for method in ("NFT", "ReFL", "GRPO"):
+        for at in ("final", "best"):
+            found = efficiency(histories, method, at)
+            if found is None:
+                continue
+            if found["pixel_best_gain"] <= 0:
+                reached = "the pixel reward did not raise the validation judge, so there is nothing to reach"
+            elif found["ratio"] is None:
+                reached = "DiNa-LRM never reached it"
+            else:
+                reached = (f"DiNa-LRM reached it at step {found['dina_step_to_reach']}, {found['dina_cpu_seconds_to_reach']:.0f} CPU-s = "
+                           f"{found['ratio']:.2f} of the pixel reward's {found['pixel_cpu_seconds']:.0f} CPU-s")
+            lines.append(f"* {method}, the pixel reward's {at} validation gain {found['pixel_best_gain']:+.3f}: {reached}.")
+    return lines
 
 
 def write_alignment_report(out: Path, result: dict, run_dirs: dict[str, Path]) -> Path:
     runs, histories, config = result["runs"], result["histories"], result["config"]
-    plot_curves(histories, out / "alignment.png")
+    plot_curves(histories, out / "alignment.png", config["base"])
     plot_clauses(runs, out / "alignment_clauses.png")
     for name, directory in run_dirs.items():  # sample grids of the first seed on test prompts: base, kept and final weights
         for which in ("base", "best", "final"):
@@ -118,13 +153,16 @@ def write_alignment_report(out: Path, result: dict, run_dirs: dict[str, Path]) -
     lines = [
         "# Toy-world alignment",
         "",
-        f"Base policy: the early toy generator; test judge {next(iter(runs.values()))['test_judge_base']:.3f} on "
-        f"{config['num_test_prompts']} test prompts. Rewards trained {config['reward_steps']} steps on "
-        f"{rewards['pairs']['train']} pairs of the base's samples: held-out pairwise accuracy DiNa-LRM "
-        f"{rewards['heldout_accuracy']['DiNa-LRM']:.3f}, pixel reward {rewards['heldout_accuracy']['pixel reward']:.3f}. "
-        f"Seeds {config['seeds']}; the kept checkpoint is the best of the validation judge ({config['num_val_prompts']} prompts, "
-        f"every {setting(config, 'refl', 'eval_every')} ReFL / {setting(config, 'grpo', 'eval_every')} GRPO steps{patience(config)}); "
-        "test prompts never pick.",
+        f"Base policy: the {config['base']} toy generator; test judge {next(iter(runs.values()))['test_judge_base']:.3f} on "
+        f"{config['num_test_prompts']} test prompts (no classifier-free guidance, {config['eval_sampling_steps']} Euler steps). "
+        f"Rewards trained {config['reward_steps']} steps on {rewards['pairs']['train']} pairs of the base's samples: held-out pairwise "
+        f"accuracy DiNa-LRM {rewards['heldout_accuracy']['DiNa-LRM']:.3f}, pixel reward {rewards['heldout_accuracy']['pixel reward']:.3f}. "
+        f"Seeds {config['seeds']} (the gate's runs: the first); the kept checkpoint is the best of the validation judge "
+        f"({config['num_val_prompts']} prompts, every {setting(config, 'nft', 'eval_every')} steps); test prompts never pick.",
+        "",
+        "The gate of the base:",
+        "",
+        *gate_lines(runs),
         "",
         "| run | steps | CPU-s/step | test judge base | kept | Δ (95% CI over prompts) | Δ per seed | final | kept at step | reward/judge diverge at |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -141,27 +179,17 @@ def write_alignment_report(out: Path, result: dict, run_dirs: dict[str, Path]) -
               "| run | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     for name, run in runs.items():
         lines.append(f"| {name} | " + " | ".join(f"{run['clauses'][k]['base']:.2f} -> {run['clauses'][k]['best']:.2f}" for k in kinds) + " |")
-    lines += ["", "Efficiency: CPU-seconds for DiNa-LRM to reach the validation judge gain of the pixel reward's best evaluation "
-              "(curves averaged over seeds):", ""]
-    for method in ("ReFL", "GRPO"):
-        found = efficiency(histories, method)
-        if found is None:
-            continue
-        if found["pixel_best_gain"] <= 0:
-            reached = "the pixel reward never raised the validation judge, so there is nothing to reach"
-        elif found["ratio"] is None:
-            reached = "DiNa-LRM never reached it"
-        else:
-            reached = (f"DiNa-LRM reached it at step {found['dina_step_to_reach']}, {found['dina_cpu_seconds_to_reach']:.0f} CPU-s = "
-                       f"{found['ratio']:.2f} of the pixel reward's {found['pixel_cpu_seconds']:.0f} CPU-s")
-        lines.append(f"* {method}: pixel reward's best gain {found['pixel_best_gain']:+.3f}; {reached}.")
-    lines += ["", "Cost per training step (measured on this machine; FLOPs counted by torch's FlopCounterMode, one sample):", "",
+    lines += ["", "Efficiency: CPU-seconds for DiNa-LRM to reach the pixel reward's validation judge gain (curves averaged over seeds):", "",
+              *efficiency_lines(histories)]
+    lines += ["", "Cost per training step (measured on this machine):", "",
               "| run | reward ms/sample | sampling s/step | update s/step | peak MiB (resident) |", "|---|---|---|---|---|"]
     for name, run in runs.items():
         lines.append(f"| {name} | {run['reward_ms_per_sample']:.2f} | {run['sampling_s_per_step']:.2f} | {run['update_s_per_step']:.2f} | "
                      f"{run['peak_memory_mib']:.0f} |")
     flops = result["flops"]
-    lines += ["", "| per sample | pixel reward (decodes) | DiNa-LRM (latents) | reduction | paper, HPSv3 | paper, DiNa-LRM | paper, reduction |",
+    lines += ["", "Per sample of a ReFL step (FLOPs counted by torch's FlopCounterMode; memory: the reward's own weights and the "
+              "activations its backward keeps), beside the paper's SD3.5-M table:", "",
+              "| per sample | pixel reward (decodes) | DiNa-LRM (latents) | reduction | paper, HPSv3 | paper, DiNa-LRM | paper, reduction |",
               "|---|---|---|---|---|---|---|"]
     for (label, key), paper in zip((("peak memory", "memory_mib"), ("reward forward", "reward_forward"),
                                     ("update (backward)", "update"), ("sampling", "sampling")), PAPER_COST):

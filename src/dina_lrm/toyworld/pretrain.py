@@ -5,6 +5,9 @@
    with ``vae_from``, an already trained toy VAE is reused: a generator in the same latent space);
    with ``generator_from``, a whole saved toy pipeline is the starting point and stage 2 continues
    its training (a longer-pretrained generator without redoing the first run);
+   with ``confusion_rate``, a share of the renders draws an object group in its ``CONFUSIONS`` colour
+   under the unchanged caption: a short continuation then installs a systematic, learnable bias
+   (the biased base of the alignment experiment, :data:`BIASED_BASE_RECIPE`);
 2. the transformer and both text encoders together, by rectified flow (SD3's objective and
    logit-normal timesteps) on the VAE latents, with 10% of prompts dropped for classifier-free
    guidance. An exponential moving average of the weights is what gets saved (it samples cleaner
@@ -36,7 +39,7 @@ from dina_lrm.toyworld.generator import (
     encode_latents,
     images_to_tensor,
 )
-from dina_lrm.toyworld.scenes import render, sample_prompt, scene_for
+from dina_lrm.toyworld.scenes import confused, render, sample_prompt, scene_for
 from dina_lrm.toyworld.tiny_sd3 import calibrate_vae_normalisation
 
 UNCONDITIONAL_PROMPT = ""
@@ -51,6 +54,7 @@ class PretrainConfig:
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
     defect_rate: float = 0.3
+    confusion_rate: float = 0.0  # share of object groups rendered in their CONFUSIONS colour (the caption unchanged)
     dataset_size: int = 30000
     generator_steps: int = 9000
     generator_batch: int = 64
@@ -58,18 +62,21 @@ class PretrainConfig:
     warmup_steps: int = 200
     cfg_dropout: float = 0.1
     ema_decay: float = 0.999
+    train_text_encoders: bool = True  # False: only the transformer learns (the biased base keeps the shipped text encoders)
     vae_from: str = ""  # a toy pipeline directory whose trained VAE is reused (stage 1 is skipped)
     generator_from: str = ""  # a toy pipeline directory to continue from (its VAE is kept, stage 1 is skipped)
     save_dtype: str = "float32"  # float16 halves the files (the shipped early generator)
     generator: ToyGeneratorConfig = field(default_factory=ToyGeneratorConfig)
 
 
-def render_training_images(count: int, rng: np.random.Generator, defect_rate: float = 0.0) -> tuple[list[str], np.ndarray]:
-    """Prompts of the train split and a render of each, some with a random-strength defect."""
+def render_training_images(count: int, rng: np.random.Generator, defect_rate: float = 0.0,
+                           confusion_rate: float = 0.0) -> tuple[list[str], np.ndarray]:
+    """Prompts of the train split and a render of each, some with a random-strength defect, some
+    object groups (``confusion_rate``) drawn in their confusion colour."""
     prompts, images = [], []
     for _ in range(count):
         spec = sample_prompt(rng, "train")
-        image = render(scene_for(spec, rng))
+        image = render(scene_for(confused(spec, confusion_rate, rng) if confusion_rate else spec, rng))
         if rng.random() < defect_rate:
             image = add_defect(image, str(rng.choice(DEFECTS)), rng, strength=float(rng.uniform(0.3, 1.0)))
         prompts.append(spec.text)
@@ -117,7 +124,7 @@ def train_generator(
     """Rectified flow: x_s = (1 - s) x0 + s eps, predict eps - x0, s = sigmoid(N(0, 1))."""
     encoders = [pipe.text_encoder, pipe.text_encoder_2]
     prompt_encoder = SD3PromptEncoder.from_pipeline(pipe, max_sequence_length=T5_TOKENS)
-    modules = [pipe.transformer, *encoders]
+    modules = [pipe.transformer, *(encoders if config.train_text_encoders else [])]
     for module in modules:
         module.train().requires_grad_(True)
     params = [p for module in modules for p in module.parameters()]
@@ -175,7 +182,7 @@ def pretrain(out_dir: str | Path, config: PretrainConfig | None = None) -> Stabl
     else:
         vae_losses = train_vae(pipe, config, rng)
     vae_seconds = time.perf_counter() - started
-    prompts, images = render_training_images(config.dataset_size, rng)
+    prompts, images = render_training_images(config.dataset_size, rng, confusion_rate=config.confusion_rate)
     latents = encode_latents(pipe.vae, images_to_tensor(images))
     generator_losses = train_generator(pipe, prompts, latents, config)
     out_dir = Path(out_dir)

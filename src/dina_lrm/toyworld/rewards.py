@@ -62,6 +62,17 @@ def judge(device):
         info["alignment"] = np.array([result.alignment for result in results])
         return np.array([result.score for result in results], dtype=np.float32), info
 
+    fn.inputs = "images"
+    return fn
+
+
+def constant(device):
+    """``factory(device)`` for a reward that scores every image 1/2: every advantage is zero, so DiffusionNFT's
+    optimality probability is 1/2 everywhere (the biased base's gate: such a run must leave it unchanged)."""
+
+    def fn(images, prompts, metadata=None):
+        return np.full(len(images), 0.5, dtype=np.float32), {}
+
     return fn
 
 
@@ -77,6 +88,7 @@ def pixel_reward(path: str | Path, generator: str | Path):
             states, pooled = encoder(list(prompts))
             return model(images * 2 - 1, states, pooled), {}
 
+        fn.inputs = "images"
         return fn
 
     return factory

@@ -30,6 +30,8 @@ SIZES = {"small": 7.5, "large": 12.0}  # half-width in pixels
 RELATIONS = ("left of", "right of", "above", "below")
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
+# the colours a biased generator mixes up, in pairs (toyworld.pretrain's confusion_rate)
+CONFUSIONS = {"red": "purple", "purple": "red", "blue": "cyan", "cyan": "blue", "green": "yellow", "yellow": "green"}
 HELD_OUT_COMBINATIONS = frozenset({("red", "triangle"), ("green", "circle"), ("blue", "square"), ("purple", "triangle")})
 SPLITS = ("train", "test")
 
@@ -145,6 +147,12 @@ def sample_prompts(count: int, split: str, seed: int) -> list[PromptSpec]:
         if len(prompts) == count:
             break
     return list(prompts.values())
+
+
+def confused(spec: PromptSpec, rate: float, rng: np.random.Generator) -> PromptSpec:
+    """``spec`` with each object group's colour swapped for its ``CONFUSIONS`` partner with probability ``rate``."""
+    groups = tuple(replace(g, colour=CONFUSIONS[g.colour]) if rng.random() < rate else g for g in spec.groups)
+    return PromptSpec(groups, spec.relation)
 
 
 def _relation_holds(relation: str, first: SceneObject, second: SceneObject, margin: float = 4.0) -> bool:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from dina_lrm.align.sampling import initial_noise, predict_velocity
+from dina_lrm.align.sampling import euler_step, initial_noise
 from dina_lrm.data.images import vae_decode
 from dina_lrm.eval.cost import count_flops, scoring_flops
 from dina_lrm.eval.reward_fn import Setting
@@ -40,15 +40,13 @@ STEPS, GUIDANCE = 12, 4.0
 
 def trajectories(searcher: Searcher, prompt: str, seed: int) -> torch.Tensor:
     """(steps + 1, 16, C, h, w): the latents before each step and the clean ones."""
-    pipe, schedule = searcher.pipe, searcher.schedule
-    transformer = pipe.transformer
-    shape = (transformer.config.in_channels, transformer.config.sample_size, transformer.config.sample_size)
-    x = initial_noise(max(SIZES), shape, torch.Generator().manual_seed(seed), "cpu")
+    schedule, transformer = searcher.schedule, searcher.pipe.transformer
+    x = initial_noise(max(SIZES), searcher.latent_shape, torch.Generator().manual_seed(seed), "cpu")
     text = searcher._conditioning(prompt, len(x))
     kept = [x]
     with torch.no_grad():
         for step in range(schedule.num_steps):
-            x = schedule.step(step, x, predict_velocity(transformer, x, schedule.timesteps[step], text, GUIDANCE), 0.0).sample
+            x = euler_step(schedule, step, x, searcher.policy.velocity(transformer, x, float(schedule.sigmas[step]), text, GUIDANCE))
             kept.append(x)
     return torch.stack(kept)
 
@@ -88,7 +86,7 @@ def unit_costs(searcher: Searcher, pixel, latents: torch.Tensor, prompt: str) ->
     """FLOPs and measured CPU-seconds of one candidate step, one DiNa-LRM score, one decode + pixel score."""
     pipe, model = searcher.pipe, searcher.scorer.model
     text = searcher._conditioning(prompt, len(latents))
-    step = lambda: predict_velocity(pipe.transformer, latents, searcher.schedule.timesteps[3], text, GUIDANCE)  # noqa: E731
+    step = lambda: searcher.policy.velocity(pipe.transformer, latents, float(searcher.schedule.sigmas[3]), text, GUIDANCE)  # noqa: E731
     states, pooled = searcher.scorer.prompt_encoder([prompt] * len(latents))
     decode_and_score = lambda: pixel(vae_decode(pipe.vae, latents) * 2 - 1, states, pooled)  # noqa: E731
     dina = lambda: searcher.scorer.score([prompt] * len(latents), latents=latents, u=0.4, seed=0)  # noqa: E731

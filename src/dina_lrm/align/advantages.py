@@ -1,4 +1,5 @@
-"""Group-relative advantages (one reward or several, weighted) and the PPO-style clipped objective of Flow-GRPO."""
+"""Group-relative advantages, shared by Flow-GRPO and DiffusionNFT: each reward normalised within each
+prompt's group of samples (by the group's std, or the batch's), several rewards mixed with weights."""
 
 from __future__ import annotations
 
@@ -34,12 +35,15 @@ def group_advantages(rewards: torch.Tensor | list[torch.Tensor], group_size: int
     return advantages.clamp(-clip, clip) if clip is not None else advantages
 
 
-def clipped_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``mean(max(-A r, -A clip(r, 1 - eps, 1 + eps)))`` with ``r = exp(log_prob - old_log_prob)``;
-    returns (loss, the fraction of samples where clipping was active)."""
-    ratio = torch.exp(log_prob - old_log_prob)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
-    clip_fraction = ((ratio - 1.0).abs() > clip_range).float().mean()
-    return loss, clip_fraction.detach()
+def informative_samples(advantages: torch.Tensor, batches: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of the samples to train on, as flow_grpo selects them: those with a non-zero advantage
+    (a group whose rewards are all equal teaches nothing); when their count is not a multiple of
+    ``batches`` (or is zero), randomly chosen zero-advantage samples are added back until it is."""
+    keep = advantages != 0
+    kept = int(keep.sum())
+    if kept % batches or kept == 0:
+        dropped = torch.nonzero(~keep).flatten()
+        missing = batches - kept % batches
+        if len(dropped) >= missing:
+            keep[dropped[torch.randperm(len(dropped), generator=generator)[:missing]]] = True
+    return torch.nonzero(keep).flatten()
