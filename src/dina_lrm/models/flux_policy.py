@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from dina_lrm.models.flux import image_ids, pack_latents
-from dina_lrm.models.policy import Policy, transformer_dtype
+from dina_lrm.models.policy import MMDIT_LORA_TARGETS, Policy, transformer_dtype
 
 
 def unpack_latents(packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -23,8 +23,7 @@ def unpack_latents(packed: torch.Tensor, height: int, width: int) -> torch.Tenso
 
 
 class FluxPolicy(Policy):
-    lora_targets = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+    lora_targets = MMDIT_LORA_TARGETS
     default_guidance = 3.5
 
     @property

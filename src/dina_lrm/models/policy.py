@@ -12,6 +12,7 @@ DiffusionNFT and reward-guided search are written once against it. One file per 
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,7 +79,12 @@ def batch_sigmas(sigma, latents: torch.Tensor) -> torch.Tensor:
     return sigma.expand(latents.shape[0]) if sigma.dim() == 0 else sigma
 
 
-class Policy:
+# the published recipes' policy LoRA on a dual-stream (MMDiT) block: both streams' attention projections
+MMDIT_LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                      "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+
+
+class Policy(ABC):
     """Shared machinery; a subclass gives ``forward`` (one transformer pass) and, where its pipeline
     guides differently from ``v_u + g (v_c - v_u)`` for g > 1, ``guide``."""
 
@@ -137,10 +143,10 @@ class Policy:
 
     # Velocities -------------------------------------------------------------------------------
 
+    @abstractmethod
     def forward(self, transformer, latents: torch.Tensor, sigmas: torch.Tensor, states: torch.Tensor, pooled: torch.Tensor,
                 guidance_scale: float) -> torch.Tensor:
         """One transformer pass: (B, C, h, w) latents at sigmas (B,) -> v = eps - x0, float32."""
-        raise NotImplementedError
 
     def guided(self, guidance_scale: float) -> bool:
         """Whether the pipeline runs a second, negative-prompt pass at this scale."""

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from dina_lrm.models.flux import pack_latents
 from dina_lrm.models.flux_policy import unpack_latents
-from dina_lrm.models.policy import Policy, transformer_dtype
+from dina_lrm.models.policy import MMDIT_LORA_TARGETS, Policy, transformer_dtype
 
 
 class QwenImagePolicy(Policy):
-    lora_targets = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+    lora_targets = MMDIT_LORA_TARGETS
     default_guidance = 4.0
 
     @property

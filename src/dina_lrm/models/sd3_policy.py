@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 
-from dina_lrm.models.policy import Policy, Schedule, shift_mu, transformer_dtype
+from dina_lrm.models.policy import MMDIT_LORA_TARGETS, Policy, Schedule, shift_mu, transformer_dtype
 
 
 class SD3Policy(Policy):
     # the LoRA of flow_grpo's and the DiNa-LRM authors' SD3.5 recipes: both streams' attention, not attn2
-    lora_targets = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+    lora_targets = MMDIT_LORA_TARGETS
     default_guidance = 7.0
 
     def schedule(self, num_steps: int, latent_shape) -> Schedule:

@@ -9,6 +9,7 @@ rewards, evaluation, the hacking guard, checkpoints and outputs.
 from __future__ import annotations
 
 import importlib
+from abc import ABC, abstractmethod
 
 import torch
 
@@ -21,7 +22,7 @@ METHODS = {
 }
 
 
-class AlignMethod:
+class AlignMethod(ABC):
     """What the loop asks of a method. ``loop`` is the :class:`~dina_lrm.align.trainer.Aligner`."""
 
     name = ""
@@ -30,9 +31,9 @@ class AlignMethod:
         self.loop = loop
         self.config = getattr(loop.config, self.name)
 
+    @abstractmethod
     def step(self, prompts: list[str], generator: torch.Generator, timings: dict) -> dict:
         """One training step on ``prompts``: sample, score, update; returns the step's statistics."""
-        raise NotImplementedError
 
     def after_step(self, step: int) -> None:
         """Called after training step ``step`` (1-based) and the loop's EMA."""
