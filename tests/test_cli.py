@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import tiny_config
 from PIL import Image
 
@@ -65,6 +66,50 @@ def test_inputs_are_checked_before_any_model_loads(tmp_path, capsys):
     assert "not both" in capsys.readouterr().err
     assert main(["score", *nowhere, str(tmp_path / "img.png")]) == 2
     assert "give --prompt and IMAGE paths, or --pairs FILE" in capsys.readouterr().err
+    (tmp_path / "ok.png").write_bytes(b"")
+    assert main(["score", *nowhere, "--u", "1.5", "--prompt", "x", str(tmp_path / "ok.png")]) == 2
+    assert "noise levels must lie in [0, 1], got [1.5]" in capsys.readouterr().err
+
+
+def test_a_damaged_checkpoint_never_scores(setup, capsys):
+    """64 bytes overwritten mid-file: the file is named, nothing prints a score, the exit code says so."""
+    reward, model, images, _ = setup
+    lora = reward / "checkpoint" / "backbone_lora" / "adapter_model.safetensors"
+    raw = bytearray(lora.read_bytes())
+    raw[len(raw) // 2:len(raw) // 2 + 64] = b"\xff" * 64
+    lora.write_bytes(bytes(raw))
+    assert main(["score", "--reward", str(reward), "--model", str(model), "--prompt", "x", *map(str, images)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    assert captured.err.splitlines()[-1].endswith("adapter_model.safetensors is damaged: its SHA-256 differs from manifest.json")
+
+
+def test_a_non_finite_score_is_an_error_not_a_number(setup, capsys, monkeypatch):
+    from dina_lrm.scorer import NonFiniteScoreError, Scorer
+
+    reward, model, images, _ = setup
+    scorer = Scorer.from_pretrained(reward, model)
+    with torch.no_grad():
+        next(scorer.model.reward_head.parameters()).fill_(float("inf"))  # weights broken after the load-time check
+    with pytest.raises(NonFiniteScoreError, match=r"NaN or inf for item\(s\) \[0, 1\] of 2"):
+        scorer.score("a red circle", images=list(map(str, images)))
+    assert not torch.isfinite(scorer.score("a red circle", images=list(map(str, images)), allow_nonfinite=True).raw).any()
+    monkeypatch.setattr(Scorer, "from_pretrained", classmethod(lambda cls, *a, **k: scorer))
+    assert main(["score", "--reward", str(reward), "--model", str(model), "--prompt", "x", *map(str, images)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "returned NaN or inf" in captured.err
+
+
+def test_a_library_bug_keeps_its_traceback(monkeypatch, tmp_path):
+    """Only the user's errors become one line; a TypeError inside the library is not blamed on the user."""
+    import dina_lrm.cli as cli
+
+    def broken(args):
+        raise TypeError("forward_ensemble() got an unexpected keyword argument 'max_batch_items'")
+
+    monkeypatch.setattr(cli, "run_score", broken)
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
+        main(["score", "--prompt", "x", str(tmp_path / "a.png")])
 
 
 def test_noise_levels_are_one_comma_separated_value(tmp_path):

@@ -51,7 +51,28 @@ def test_defaults_are_the_release_configuration():
     assert (model.num_transformer_layers, model.visual_taps, model.text_taps) == (12, [4, 8, 12], [4, 8, 12])
     assert (model.lora_config.r, model.lora_config.lora_alpha, model.lora_config.init_lora_weights) == (64, 128, "gaussian")
     assert (model.reward_head.num_queries, model.reward_head.num_attn_heads) == (4, 8)
-    assert DiNaConfig().to_dict()["model"] == DiNaConfig.from_dict(RELEASE_CONFIG).to_dict()["model"]
+    ours, release = DiNaConfig().to_dict()["model"], DiNaConfig.from_dict(RELEASE_CONFIG).to_dict()["model"]
+    assert {**release, "use_ema": False} == ours  # use_ema: the release's key that its trainer never reads
+
+
+def test_the_release_recipe_is_the_default_and_its_inert_keys_are_named():
+    """The authors' trainer builds no LR schedule for lr_scheduler: constant and reads EMA from
+    training.use_ema, so the release trained without warmup or EMA: so does our default."""
+    default = DiNaConfig()
+    assert (default.training.lr_scheduler, default.training.warmup_steps, default.training.use_ema) == ("constant", 0, False)
+    assert default.inert_release_keys() == []
+    inert = DiNaConfig.from_dict(RELEASE_CONFIG).inert_release_keys()
+    assert [key.split(" ")[0] for key in inert] == ["model.use_ema", "training.warmup_steps=1000"]
+    chosen = DiNaConfig.from_dict({"training": {"lr_scheduler": "constant_with_warmup", "warmup_steps": 1000, "use_ema": True}})
+    assert chosen.inert_release_keys() == []
+
+
+@pytest.mark.parametrize("name", ["sd35m-thurstone-12layer", "flux-thurstone-19layer", "zimage-thurstone-16layer"])
+def test_shipped_configs_train_as_the_release_did(name):
+    from pathlib import Path
+
+    config = load_config(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
+    assert config.inert_release_keys() == [] and config.training.lr_scheduler == "constant" and not config.training.use_ema
 
 
 def test_yaml_round_trip(tmp_path):
@@ -97,7 +118,9 @@ def test_the_authors_yaml_loads_unchanged_and_equals_the_shipped_config(name, ba
 
     theirs = load_config(Path(__file__).parent / "data" / "authors_configs" / f"{name}.yaml")
     ours = load_config(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
-    assert ours.model.backbone == backbone and dataclasses.replace(ours.model, backbone="") == theirs.model
-    assert ours.training == theirs.training and ours.paths == theirs.paths
+    assert [key.split(" ")[0] for key in theirs.inert_release_keys()] == ["model.use_ema", "training.warmup_steps=1000"]
+    # equal, once the keys their trainer never reads are left out: the shipped config trains as they trained
+    assert ours.model.backbone == backbone and dataclasses.replace(ours.model, backbone="") == dataclasses.replace(theirs.model, use_ema=False)
+    assert ours.training == dataclasses.replace(theirs.training, warmup_steps=0) and ours.paths == theirs.paths
     assert dataclasses.replace(ours.data.train, parquet_files="", bucket_file="") == dataclasses.replace(
         theirs.data.train, parquet_files="", bucket_file="", num_workers=0)

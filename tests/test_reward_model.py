@@ -1,4 +1,5 @@
 import copy
+import json
 import shutil
 
 import pytest
@@ -13,6 +14,22 @@ from dina_lrm.train.step import PreferenceBatch, preference_step
 
 def _fresh_transformer(pipe):
     return copy.deepcopy(pipe.transformer)
+
+
+def _saved_without_manifest(pipe, directory, **overrides):
+    """A checkpoint as the release ships them: no manifest, so only the readers' own checks apply."""
+    DiNaLRM(tiny_config(**overrides), _fresh_transformer(pipe)).save_pretrained(directory)
+    (directory / "manifest.json").unlink()
+    return directory
+
+
+def _overwrite_middle(path, data: bytes):
+    """Overwrite ``len(data)`` bytes in the middle of a safetensors file's tensor data."""
+    raw = bytearray(path.read_bytes())
+    data_start = 8 + int.from_bytes(raw[:8], "little")
+    middle = (data_start + len(raw)) // 2 // 4 * 4
+    raw[middle:middle + len(data)] = data
+    path.write_bytes(bytes(raw))
 
 
 def lora_modules(model):
@@ -107,6 +124,7 @@ def test_our_rm_head_pt_is_the_release_format_and_loads_identically(pipe, text_i
     args = (make_latents(), *text_inputs, torch.tensor([400.0]))
     from_safetensors = DiNaLRM.from_pretrained(tmp_path, _fresh_transformer(pipe))(*args)
     (tmp_path / "checkpoint" / "rm_head.safetensors").unlink()
+    (tmp_path / "manifest.json").unlink()  # the release's layout
     from_pt = DiNaLRM.from_pretrained(tmp_path, _fresh_transformer(pipe))(*args)
     torch.testing.assert_close(from_pt, model(*args), rtol=0, atol=0)
     torch.testing.assert_close(from_safetensors, from_pt, rtol=0, atol=0)
@@ -118,6 +136,7 @@ def test_release_full_model_pt_loads(pipe, text_inputs, tmp_path):
     model.save_pretrained(tmp_path)
     (tmp_path / "checkpoint" / "rm_head.safetensors").unlink()
     (tmp_path / "checkpoint" / "backbone.safetensors").unlink()
+    (tmp_path / "manifest.json").unlink()  # the release's layout
     torch.save(model.state_dict(), tmp_path / "checkpoint" / "full_model.pt")
     loaded = DiNaLRM.from_pretrained(tmp_path, _fresh_transformer(pipe))
     args = (make_latents(), *text_inputs, torch.tensor([400.0]))
@@ -195,27 +214,27 @@ class TestBadInput:
         tmp_path.joinpath("empty").mkdir()
         with pytest.raises(CheckpointError, match="config.json is missing"):
             DiNaLRM.from_pretrained(tmp_path / "empty", pipe.transformer)
-        DiNaLRM(tiny_config(), _fresh_transformer(pipe)).save_pretrained(tmp_path / "m")
+        _saved_without_manifest(pipe, tmp_path / "m")
         (tmp_path / "m" / "checkpoint" / "rm_head.safetensors").unlink()
         (tmp_path / "m" / "checkpoint" / "rm_head.pt").unlink()
         with pytest.raises(CheckpointError, match="rm_head.safetensors.*rm_head.pt"):
             DiNaLRM.from_pretrained(tmp_path / "m", _fresh_transformer(pipe))
 
     def test_missing_lora_adapter(self, pipe, tmp_path):
-        DiNaLRM(tiny_config(), _fresh_transformer(pipe)).save_pretrained(tmp_path)
+        _saved_without_manifest(pipe, tmp_path)
         shutil.rmtree(tmp_path / "checkpoint" / "backbone_lora")
         with pytest.raises(CheckpointError, match="LoRA adapter weights missing"):
             DiNaLRM.from_pretrained(tmp_path, _fresh_transformer(pipe))
 
     def test_corrupt_head_file(self, pipe, tmp_path):
-        DiNaLRM(tiny_config(), _fresh_transformer(pipe)).save_pretrained(tmp_path)
+        _saved_without_manifest(pipe, tmp_path)
         path = tmp_path / "checkpoint" / "rm_head.safetensors"
         path.write_bytes(path.read_bytes()[:100])
         with pytest.raises(CheckpointError, match="corrupt"):
             DiNaLRM.from_pretrained(tmp_path, _fresh_transformer(pipe))
 
     def test_head_for_another_backbone_width(self, pipe, tmp_path):
-        DiNaLRM(tiny_config(), _fresh_transformer(pipe)).save_pretrained(tmp_path)
+        _saved_without_manifest(pipe, tmp_path)
         path = tmp_path / "checkpoint" / "rm_head.safetensors"
         from safetensors.torch import load_file, save_file
 
@@ -227,11 +246,42 @@ class TestBadInput:
 
     def test_lora_adapter_for_other_layers(self, pipe, tmp_path):
         DiNaLRM(tiny_config(num_transformer_layers=2, visual_head_idx=[2], text_head_idx=[2]), _fresh_transformer(pipe)).save_pretrained(tmp_path / "two")
-        DiNaLRM(tiny_config(), _fresh_transformer(pipe)).save_pretrained(tmp_path / "three")
+        _saved_without_manifest(pipe, tmp_path / "three")
         shutil.rmtree(tmp_path / "three" / "checkpoint" / "backbone_lora")
         shutil.copytree(tmp_path / "two" / "checkpoint" / "backbone_lora", tmp_path / "three" / "checkpoint" / "backbone_lora")
         with pytest.raises(CheckpointError, match="does not fit this backbone"):
             DiNaLRM.from_pretrained(tmp_path / "three", _fresh_transformer(pipe))
+
+
+class TestDamagedCheckpoint:
+    """Tried as a new user would: 64 bytes overwritten mid-file must never load, let alone score."""
+
+    def test_our_checkpoints_carry_sha256_sums_that_name_a_damaged_file(self, pipe, tmp_path):
+        DiNaLRM(tiny_config(), _fresh_transformer(pipe)).save_pretrained(tmp_path)
+        listed = json.loads((tmp_path / "manifest.json").read_text())["files"]
+        assert {"config.json", "checkpoint/rm_head.safetensors", "checkpoint/rm_head.pt",
+                "checkpoint/backbone_lora/adapter_model.safetensors"} <= set(listed)
+        lora = tmp_path / "checkpoint" / "backbone_lora" / "adapter_model.safetensors"
+        _overwrite_middle(lora, bytes(range(64)))  # finite garbage: only the checksum can tell
+        with pytest.raises(CheckpointError, match=r"adapter_model.safetensors is damaged: its SHA-256 differs"):
+            DiNaLRM.from_pretrained(tmp_path, _fresh_transformer(pipe))
+
+    @pytest.mark.parametrize("file", ["checkpoint/backbone_lora/adapter_model.safetensors", "checkpoint/rm_head.safetensors"])
+    def test_a_nan_weight_is_named_even_without_a_manifest(self, pipe, tmp_path, file):
+        _saved_without_manifest(pipe, tmp_path)
+        _overwrite_middle(tmp_path / file, b"\xff" * 64)  # 0xffffffff is a float32 NaN
+        with pytest.raises(CheckpointError, match=rf"{file.split('/')[-1]} is damaged: tensor '.+' holds NaN or inf"):
+            DiNaLRM.from_pretrained(tmp_path, _fresh_transformer(pipe))
+
+    def test_a_nan_weight_in_a_release_pickle_is_named(self, pipe, tmp_path):
+        _saved_without_manifest(pipe, tmp_path)
+        (tmp_path / "checkpoint" / "rm_head.safetensors").unlink()
+        state = torch.load(tmp_path / "checkpoint" / "rm_head.pt", weights_only=True)
+        key = next(iter(state))
+        state[key][...] = float("inf")
+        torch.save(state, tmp_path / "checkpoint" / "rm_head.pt")
+        with pytest.raises(CheckpointError, match=rf"rm_head.pt is damaged: tensor '{key}' holds NaN or inf"):
+            DiNaLRM.from_pretrained(tmp_path, _fresh_transformer(pipe))
 
 
 def test_a_hub_id_loads_from_the_local_hub_cache_offline(pipe, text_inputs, tmp_path, monkeypatch):

@@ -31,6 +31,21 @@ def test_scores_are_seeded_and_normalized(scorer):
     torch.testing.assert_close(a.normalized, (a.raw + 10) / 10)
 
 
+def test_the_default_noise_level_follows_the_input_kind(scorer):
+    """A generator's own latents score at LATENT_U (0.4), images through pixels at IMAGE_U (0.1),
+    the same defaults the server, the RL rewards and the CLI use."""
+    from dina_lrm.config import IMAGE_U, LATENT_U
+
+    latents = make_latents(2)
+    on_latents = scorer.score("a red circle", latents=latents, seed=1)
+    assert on_latents.sigmas.tolist() == scorer.sigma_table.snap(torch.tensor([LATENT_U]))[0].tolist()
+    torch.testing.assert_close(on_latents.raw, scorer.score("a red circle", latents=latents, u=0.4, seed=1).raw)
+    images = torch.rand(2, 3, 64, 64)
+    on_images = scorer.score("a red circle", images=images, seed=1)
+    assert on_images.sigmas.tolist() == scorer.sigma_table.snap(torch.tensor([IMAGE_U]))[0].tolist()
+    torch.testing.assert_close(on_images.raw, scorer.score("a red circle", images=images, u=0.1, seed=1).raw)
+
+
 def test_score_equals_the_model_on_independently_noised_latents(scorer):
     latents, prompts = make_latents(2), ["a red circle", "a blue square"]
     result = scorer.score(prompts, latents=latents, u=0.4, seed=3)

@@ -62,7 +62,8 @@ def tiny_ablations(tmp_path_factory):
     config = AblationConfig(
         data=PreferenceDataConfig(train_prompts=8, test_prompts=4, samples_per_prompt=3, corruptions_per_prompt=2, sampling_steps=3),
         steps=2, seeds=[0, 1], workers=1, benchmark_prompts=2, resamples=50, u_grid=(0.3, 0.6),
-        rows=["DiNa-LRM (full)", "ensemble {0.2,0.5,0.7}, calibrated", "clean only (u = 0)", "pixel reward (decodes), equal FLOPs"],
+        rows=["DiNa-LRM (full)", "ensemble {0.2,0.5,0.7}, calibrated", "clean only (u = 0)", "LRM-style (LPO: pooled cosine, BT)",
+              "pixel reward (decodes), equal FLOPs"],
     )
     return out, config, run_ablations(out, config)
 

@@ -35,8 +35,9 @@ def separable_pairs(directory, count, seed=0, embeds=False):
 
 def raw_config(tmp_path, pipeline_dir, train_dir, eval_dir=None, **sections):
     raw = {
-        "model": {**TINY_MODEL, "backbone_model_id": str(pipeline_dir), "ema_decay": 0.9},
-        "training": {"mixed_precision": "fp32", "learning_rate": 2e-3, "warmup_steps": 2, "max_steps": 8},
+        "model": {**TINY_MODEL, "backbone_model_id": str(pipeline_dir)},
+        "training": {"mixed_precision": "fp32", "learning_rate": 2e-3, "lr_scheduler": "constant_with_warmup", "warmup_steps": 2,
+                     "max_steps": 8, "use_ema": True, "ema_decay": 0.9},
         "data": {"train": {"parquet_files": train_dir, "base_batch_size": 4, "max_sequence_length": 16}},
         "paths": {"run_name": "run", "save_dir": str(tmp_path / "runs")},
         "logging": {"eval_frac": 1000, "save_frac": 4, "log_every": 1, "report_to": "none", "eval_u": [0.2, 0.6]},
@@ -83,6 +84,25 @@ def test_training_learns_evaluates_and_saves_a_loadable_ema_model(tmp_path, pipe
     for name, param in loaded.named_parameters():
         if name in ema:
             torch.testing.assert_close(param, ema[name])
+
+
+def test_the_authors_yaml_trains_as_the_release_did_and_names_the_keys_it_ignores(tmp_path, pipeline_dir):
+    """Their trainer builds no schedule for lr_scheduler: constant and never turns EMA on: neither do we."""
+    train_dir = separable_pairs(tmp_path / "train", 16, embeds=True)
+    raw = raw_config(tmp_path, pipeline_dir, train_dir, training={"max_steps": 3, "lr_scheduler": "constant", "warmup_steps": 1000,
+                                                                  "use_ema": False})
+    raw["model"].update(use_ema=True, ema_decay=0.995)  # where the authors' YAML puts them
+    config = DiNaConfig.from_dict(raw)
+    with pytest.warns(UserWarning, match=r"the authors' trainer ignores these keys.*model.use_ema.*training.warmup_steps=1000"):
+        trainer = Trainer(config)
+    final = trainer.train()
+    assert trainer.ema is None
+    assert [r["train/lr"] for r in metrics(config.paths.run_dir) if "train/lr" in r] == [2e-3] * 3  # no warmup
+    loaded = DiNaLRM.from_pretrained(final, load_pipeline(pipeline_dir).transformer)
+    trained = {n: p for n, p in trainer.unwrapped.named_parameters() if p.requires_grad}
+    for name, param in loaded.named_parameters():
+        if name in trained:
+            torch.testing.assert_close(param, trained[name], rtol=0, atol=0)  # the last step's weights, not an EMA
 
 
 def test_resume_from_the_half_way_checkpoint_ends_where_the_uninterrupted_run_ends(tmp_path, pipeline_dir):

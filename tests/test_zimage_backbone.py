@@ -103,7 +103,8 @@ def test_authors_lora_keys_and_release_layout_round_trip(pipe, text, tmp_path):
     assert keys == {f"base_model.model.{b}.attention.{p}.lora_{ab}.weight" for b in blocks for p in ("to_q", "to_k", "to_v", "to_out.0")
                     for ab in "AB"}
     assert json.loads((tmp_path / "rm" / "config.json").read_text())["model"]["reward_head"]["t_emb_dim"] == 256
-    (tmp_path / "rm" / "checkpoint" / "rm_head.safetensors").unlink()  # the authors' layout: rm_head.pt only
+    (tmp_path / "rm" / "checkpoint" / "rm_head.safetensors").unlink()  # the authors' layout: rm_head.pt only, no manifest
+    (tmp_path / "rm" / "manifest.json").unlink()
     theirs = yaml.safe_load((Path(__file__).parent / "data" / "authors_configs" / "zimage-thurstone-16layer.yaml").read_text())
     theirs["model"].update({k: MODEL[k] for k in ("num_transformer_layers", "visual_head_idx", "text_head_idx", "lora_config")})
     theirs["model"]["reward_head"].update(width=64, num_attn_heads=2)

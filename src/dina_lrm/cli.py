@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import dina_lrm
-from dina_lrm.config import DTYPE_NAMES
+from dina_lrm.config import DTYPE_NAMES, IMAGE_U, LATENT_U
 
 
 def read_pairs(path: Path, images_root: Path | None = None) -> list[tuple[str, str]]:
@@ -54,7 +54,10 @@ def score_inputs(args) -> list[tuple[str, str]]:
 
 
 def run_score(args) -> int:
+    from dina_lrm.noise import check_noise_levels
+
     pairs = score_inputs(args)  # before any model loads: a typo should not cost minutes
+    check_noise_levels(args.noise_levels or [args.u])
     if args.toy:
         if args.reward or args.model:
             raise ValueError("--toy picks the shipped toy reward model and generator; leave out --reward and --model")
@@ -119,7 +122,7 @@ def run_train(args) -> int:
 
     final = train(load_config(args.config, args.set), resume=args.resume, overwrite=args.overwrite)
     if PartialState().is_main_process:
-        print(f"Wrote the reward model (EMA weights) to {final}")
+        print(f"Wrote the reward model to {final}")
     return 0
 
 
@@ -314,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--pairs", help="CSV (prompt,image header) or JSONL file of pairs; relative image paths start at "
                        "--images-root, by default the file's folder")
     score.add_argument("--images-root", help="where the relative image paths of --pairs start (default: the file's folder)")
-    score.add_argument("--u", type=float, default=0.1, help="noise level (0.1 suits images from files)")
+    score.add_argument("--u", type=float, default=IMAGE_U, help=f"noise level to score at (default {IMAGE_U}: images from files read best a little noised)")
     score.add_argument("--noise-levels", type=parse_levels, help="ensemble over these comma-separated noise levels, e.g. 0.2,0.5,0.7")
     score.add_argument("--n-draws", type=int, default=1, help="average this many noise draws")
     score.add_argument("--seed", type=int, default=0)
@@ -423,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-size", type=int, help="items per backbone pass (default 8)")
     serve.add_argument("--max-wait-ms", type=float, help="how long a request may wait for others to batch with (default 10)")
     serve.add_argument("--max-request-mb", type=float, help="larger request bodies get HTTP 413 (default 64)")
-    serve.add_argument("--default-u", type=float, help="noise level when a request gives none (default 0.4)")
+    serve.add_argument("--default-u", type=float, help=f"noise level when a request gives none (default {LATENT_U})")
     serve.add_argument("--max-sequence-length", type=int, help="T5 tokens when the server encodes prompts (default: the model's own)")
     serve.add_argument("--max-prompts", type=int, help="prompts per request; more get HTTP 413 (default 256)")
     serve.add_argument("--max-prompt-chars", type=int, help="characters per prompt; longer get HTTP 413 (default 2000)")
@@ -519,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, OSError, TypeError, RuntimeError, ArithmeticError) as err:
+    except (OSError, ValueError, FloatingPointError) as err:  # the user's input; a library bug keeps its traceback
         print(f"dina-lrm {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -23,6 +23,13 @@ import yaml
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the precisions every command accepts
 
 
+# The default noise level u to score at, one per kind of input: a generator's own clean latents
+# (what RL rollouts and latent clients pass), or images that went through pixels (files, decoded
+# samples), whose VAE round trip the reward did not train on and which read best a little noised.
+LATENT_U = 0.4
+IMAGE_U = 0.1
+
+
 class ConfigError(ValueError):
     """A configuration key or value that cannot be used."""
 
@@ -61,7 +68,9 @@ class ModelConfig:
     text_head_idx: list[int] = field(default_factory=lambda: [4, 8, 12])
     use_t_embed: bool = True  # accepted for release compatibility; the head always uses temb
     reward_head: RewardHeadConfig = field(default_factory=RewardHeadConfig)
-    use_ema: bool = True
+    # The release YAML's EMA keys sit here, where its trainer never reads them (it reads training.use_ema):
+    # the released checkpoint was trained without EMA. Accepted unchanged, inert, named by a warning.
+    use_ema: bool = False
     ema_decay: float = 0.995
 
     @property
@@ -105,7 +114,7 @@ class ModelConfig:
 
 
 MIXED_PRECISION = ("fp32", "no", "bf16", "fp16")
-LR_SCHEDULERS = ("constant", "cosine")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine")  # diffusers' names; warmup_steps applies to the last two
 
 
 @dataclass
@@ -117,14 +126,16 @@ class TrainingConfig:
     uncond_prob: float = 0.0  # deprecated in the release; only 0 is accepted
     learning_rate: float = 5e-5
     weight_decay: float = 0.01
-    warmup_steps: int = 1000
-    lr_scheduler: str = "constant"  # after the linear warmup: constant or cosine
+    warmup_steps: int = 0  # linear warmup of constant_with_warmup and cosine; inert with constant, as in the release
+    lr_scheduler: str = "constant"  # constant (the release: no schedule at all), constant_with_warmup, cosine
     max_grad_norm: float = 1.0
     t_weighting_scheme: str = "uniform"
     t_weighting_scheme_param: float = 0.0
     use_vae: bool = False  # the release's flag for encoding pixels while training; we train on pre-encoded latents
     add_noise: bool = True
     gradient_checkpointing: bool = False
+    use_ema: bool = False  # evaluate and save an EMA of the trained weights (the release trained without)
+    ema_decay: float = 0.995
 
     def validate(self) -> None:
         from dina_lrm.noise import SAMPLING_SCHEMES
@@ -238,6 +249,17 @@ class DiNaConfig:
         self.training.validate()
         self.data.train.validate()
         self.logging.validate()
+
+    def inert_release_keys(self) -> list[str]:
+        """The keys set here that the authors' trainer reads nowhere (so the release was trained without
+        them), each with what to set instead; a run with this config ignores them too."""
+        inert = []
+        if self.model.use_ema:
+            inert.append("model.use_ema (it reads training.use_ema; set that to train with EMA)")
+        if self.training.lr_scheduler == "constant" and self.training.warmup_steps:
+            inert.append(f"training.warmup_steps={self.training.warmup_steps} (lr_scheduler: constant builds no schedule; "
+                         "constant_with_warmup warms up)")
+        return inert
 
     def to_dict(self) -> dict[str, Any]:
         raw = dataclasses.asdict(self)

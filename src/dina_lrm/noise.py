@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from dina_lrm.config import IMAGE_U, LATENT_U
+
 SAMPLING_SCHEMES = ("uniform", "logit_normal", "mode", "beta", "power", "constant")
 
 
@@ -36,12 +38,23 @@ class SigmaTable:
 
     def snap(self, u: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest table entry to each target ``u``: returns (sigma, timestep), shaped like ``u``."""
-        u = torch.as_tensor(u, dtype=torch.float32)
-        if not torch.isfinite(u).all() or (u < 0).any() or (u > 1).any():
-            raise ValueError(f"noise levels must lie in [0, 1], got {u.flatten().tolist()}")
+        u = check_noise_levels(u)
         sigmas = self.sigmas.to(u.device)
         index = (sigmas.view(*([1] * u.dim()), -1) - u.unsqueeze(-1)).abs().argmin(dim=-1)
         return sigmas[index], self.timesteps.to(u.device)[index]
+
+
+def default_u(inputs: str) -> float:
+    """The default noise level for ``inputs``: ``"latents"`` or ``"images"``."""
+    return {"latents": LATENT_U, "images": IMAGE_U}[inputs]
+
+
+def check_noise_levels(u: torch.Tensor | float | list[float]) -> torch.Tensor:
+    """``u`` as a float tensor; a ValueError unless every level is finite and in [0, 1]."""
+    u = torch.as_tensor(u, dtype=torch.float32)
+    if not torch.isfinite(u).all() or (u < 0).any() or (u > 1).any():
+        raise ValueError(f"noise levels must lie in [0, 1], got {u.flatten().tolist()}")
+    return u
 
 
 def add_noise(x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

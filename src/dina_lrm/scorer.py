@@ -14,11 +14,12 @@ from diffusers import DiffusionPipeline
 from dina_lrm.config import DTYPE_NAMES
 from dina_lrm.data.images import center_crop_to_multiple, load_images, vae_encode, vae_scale_factor
 from dina_lrm.models.backbones import prompt_encoder_for
+from dina_lrm.models.checkpoint import open_directory
 from dina_lrm.models.prompt_cache import padded_with_mask
 from dina_lrm.models.prompt_cache import CachedPromptEncoder
 from dina_lrm.models.reward_model import DiNaLRM
 from dina_lrm.losses import pair_probability, thurstone_variance
-from dina_lrm.noise import SigmaTable, add_noise
+from dina_lrm.noise import SigmaTable, add_noise, default_u
 
 SCORE_OFFSET, SCORE_SCALE = 10.0, 10.0
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
@@ -29,6 +30,11 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the backbone under
 def normalize_score(raw: torch.Tensor) -> torch.Tensor:
     """The scale users read: ``(raw + 10) / 10``."""
     return (raw + SCORE_OFFSET) / SCORE_SCALE
+
+
+class NonFiniteScoreError(FloatingPointError):
+    """The reward model returned NaN or inf for finite inputs: latents far outside the VAE's range, or a
+    dtype too narrow for them (a loaded checkpoint's weights are checked finite at load)."""
 
 
 @dataclass
@@ -91,6 +97,7 @@ class Scorer:
         ``compile``: ``torch.compile`` the kept blocks (docs/performance.md measures both)."""
         if autocast is not None and autocast not in AUTOCAST:
             raise ValueError(f"unknown autocast {autocast!r}; choose one of {sorted(AUTOCAST)}")
+        reward_dir = open_directory(reward_dir, checksums=False)  # a wrong path fails before the generator loads
         pipe = pipeline_or_model_id
         if isinstance(pipe, (str, Path)):
             pipe = load_pipeline(pipe, dtype)
@@ -132,14 +139,16 @@ class Scorer:
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
-        u: float = 0.4,
+        u: float | None = None,
         noise_levels: list[float] | None = None,
         n_draws: int = 1,
         seed: int | None = None,
         seeds: list[int] | torch.Tensor | None = None,
         grad: bool = False,
+        allow_nonfinite: bool = False,
     ) -> ScoreResult:
-        """Score (prompt, image) pairs. u = 0.4 suits a generator's own clean latents, 0.1 images from files.
+        """Score (prompt, image) pairs at noise level ``u``; by default ``noise.LATENT_U`` (0.4) for
+        latents, a generator's own clean ones, and ``noise.IMAGE_U`` (0.1) for images.
 
         Text comes as ``prompts`` or as the pipeline's ``prompt_embeds`` + ``pooled_prompt_embeds`` (for
         Z-Image and Qwen-Image the text mask in its place; Z-Image's list of per-prompt embeddings and
@@ -147,11 +156,15 @@ class Scorer:
         ``seed`` seeds the whole call; ``seeds`` (one per item) seed each item's noise on its own, so
         an item scores the same whatever else is in the batch. ``grad=True`` keeps the graph from
         ``latents`` (or from image tensors, through the VAE encoder) to the scores.
+
+        Raises :class:`NonFiniteScoreError` when a score is NaN or inf, unless ``allow_nonfinite`` (a
+        server that batches several clients' items answers each client on its own).
         """
         if (images is None) == (latents is None):
             raise ValueError("pass exactly one of images= or latents=")
         if n_draws < 1:
             raise ValueError(f"n_draws must be >= 1, got {n_draws}")
+        u = default_u("images" if images is not None else "latents") if u is None else u
         levels = torch.tensor(list(noise_levels) if noise_levels else [u], dtype=torch.float32)
         sigmas, timesteps = self.sigma_table.snap(levels)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -165,9 +178,14 @@ class Scorer:
             for index, group in groups:
                 noise = self._draw_noise((n_draws, len(sigmas)) + tuple(group.shape[1:]), index, seeds, generator)
                 raw[index] = self._score_latents(group, states[index], pooled[index], sigmas, timesteps, noise).to(out_dtype)
+        bad = (~torch.isfinite(raw.detach())).nonzero().flatten().tolist()
+        if bad and not allow_nonfinite:
+            raise NonFiniteScoreError(f"the reward model returned NaN or inf for item(s) {bad[:5]} of {count}, whose inputs are "
+                                      f"finite: latents far outside the VAE's range, or {self.model.dtype} too narrow for them")
         return ScoreResult(raw=raw, normalized=normalize_score(raw), sigmas=sigmas, thurstone_std=thurstone_variance(sigmas).sqrt())
 
-    def compare(self, prompts: str | list[str], *, images=None, latents=None, u: float = 0.4, n_draws: int = 1, seed: int = 0) -> torch.Tensor:
+    def compare(self, prompts: str | list[str], *, images=None, latents=None, u: float | None = None, n_draws: int = 1,
+                seed: int = 0) -> torch.Tensor:
         """P(a preferred over b) for each item, under the loss the model was trained with (Thurstone
         with its noise-dependent variance, constant-variance Thurstone, or Bradley-Terry).
 

@@ -34,6 +34,7 @@ from dina_lrm.data.images import vae_decode
 from dina_lrm.models.backbones import backbone_name, policy_for
 from dina_lrm.models.policy import TextConditioning
 from dina_lrm.models.reward_model import DiNaLRM
+from dina_lrm.config import LATENT_U
 from dina_lrm.scorer import Scorer
 
 STRATEGIES = ("best_of_n", "prune", "beam")
@@ -51,7 +52,7 @@ class SearchConfig:
     resolution: int | None = None  # image side in pixels (default: the transformer's native size)
     max_sequence_length: int | None = None  # text tokens of the generator's own conditioning (default: its encoder's)
     beam_noise_level: float = 0.7  # beam: SDE noise of the steps after the first checkpoint
-    final_u: float = 0.4  # the default final reward: DiNa-LRM on the clean latents at this u
+    final_u: float = LATENT_U  # the default final reward: DiNa-LRM on the clean latents at this u
     seed: int = 0
 
     def validate(self) -> None:

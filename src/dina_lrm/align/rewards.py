@@ -4,9 +4,9 @@ Those trainers build each reward with ``factory(device)`` and call the returned
 ``fn(images, prompts, metadata) -> (scores, info)`` on a batch of samples. Two factories:
 
 * :func:`flow_grpo_reward`: images NCHW in [0, 1] (the pipeline's ``output_type="pt"``), VAE-encoded
-  with the generator's own VAE; use ``u=0.1`` for decoded images.
+  with the generator's own VAE, scored by default at ``noise.IMAGE_U`` (0.1).
 * :func:`flow_grpo_latent_reward`: the pipeline's final latents plus its prompt embeddings, so there
-  is no decode/encode round trip and no text encoding; ``u=0.4``.
+  is no decode/encode round trip and no text encoding, scored by default at ``noise.LATENT_U`` (0.4).
 
 Each factory loads its own copy of the generator: the reward model's LoRA layers go into that copy,
 never into the policy being trained.
@@ -31,6 +31,7 @@ import torch
 from dina_lrm.config import import_object
 from dina_lrm.data.images import vae_decode
 from dina_lrm.models.reward_model import DiNaLRM
+from dina_lrm.config import IMAGE_U, LATENT_U
 from dina_lrm.scorer import DTYPES, ScoreResult, Scorer
 
 SCALES = ("normalized", "raw")
@@ -41,7 +42,7 @@ def flow_grpo_reward(
     reward_dir: str | Path,
     model: str | Path,
     *,
-    u: float = 0.1,
+    u: float = IMAGE_U,
     noise_levels: list[float] | None = None,
     n_draws: int = 1,
     seed: int | None = None,
@@ -75,7 +76,7 @@ def flow_grpo_latent_reward(
     reward_dir: str | Path,
     model: str | Path,
     *,
-    u: float = 0.4,
+    u: float = LATENT_U,
     noise_levels: list[float] | None = None,
     n_draws: int = 1,
     seed: int | None = None,
@@ -146,7 +147,7 @@ class LatentReward:
 
     differentiable = True
 
-    def __init__(self, scorer: Scorer, *, u: float = 0.4, noise_levels: list[float] | None = None, n_draws: int = 1,
+    def __init__(self, scorer: Scorer, *, u: float = LATENT_U, noise_levels: list[float] | None = None, n_draws: int = 1,
                  scale: str = "normalized", name: str = "DiNa-LRM (latents)"):
         _check_scale(scale)
         self.scorer, self.u, self.noise_levels, self.n_draws, self.scale, self.name = scorer, u, noise_levels, n_draws, scale, name
@@ -222,7 +223,7 @@ class RewardSpec:
     path: str = ""
     model: str = ""
     share_backbone: bool = True
-    u: float = 0.4
+    u: float = LATENT_U
     noise_levels: list[float] | None = None
     n_draws: int = 1
     scale: str = "normalized"

@@ -207,7 +207,7 @@ def prepare(config: PrepareConfig, pipe=None, overwrite: bool = False) -> Path |
         return None
     missing = [u.name for u in units if not shard_path(out, u).is_file()]
     if missing:
-        raise RuntimeError(f"{len(missing)} work units have no shard (e.g. {missing[:3]}); rerun to finish them")
+        raise FileNotFoundError(f"{len(missing)} work units have no shard (e.g. {missing[:3]}); rerun to finish them")
     return write_index(out, _settings(config))
 
 

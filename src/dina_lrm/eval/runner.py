@@ -201,7 +201,7 @@ def load_extra_reward(spec: str) -> RewardFn:
     reward = import_object(spec, "--extra-reward")
     reward = reward() if not isinstance(reward, RewardFn) and callable(reward) else reward
     if not isinstance(reward, RewardFn) or reward.inputs not in ("images", "latents"):
-        raise TypeError(f"--extra-reward {spec!r} is not a RewardFn (needs .name, .inputs 'images'/'latents', and __call__)")
+        raise ValueError(f"--extra-reward {spec!r} is not a RewardFn (needs .name, .inputs 'images'/'latents', and __call__)")
     return reward
 
 

@@ -7,10 +7,15 @@
     DIR/checkpoint/backbone_lora/                PEFT adapter, when the backbone is LoRA-tuned
     DIR/checkpoint/backbone.safetensors          backbone weights, when the backbone is fully tuned
                                                  (the release's full_model.pt is read too)
+    DIR/manifest.json                            size and SHA-256 of every file above (ours; the release has
+                                                 none), verified at load when present
+
+Every tensor read is checked finite, so a damaged file is named at load instead of scoring NaN.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -26,6 +31,7 @@ RELEASE_HEAD_NAME = "rm_head.pt"
 LORA_DIR = "backbone_lora"
 BACKBONE_NAME = "backbone.safetensors"
 RELEASE_FULL_NAME = "full_model.pt"
+MANIFEST_NAME = "manifest.json"
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
@@ -62,9 +68,18 @@ def resolve_directory(directory_or_hub_id: str | Path) -> Path:
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
-        return load_file(str(path))
+        state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"cannot read {path}: the file is corrupt or not safetensors ({err})") from err
+    check_finite(state, path)
+    return state
+
+
+def check_finite(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse a state dict with a NaN or inf weight, naming the tensor and the file."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path} is damaged: tensor {key!r} holds NaN or inf")
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -77,7 +92,58 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read {path}: corrupt, or not a plain tensor state dict ({err})") from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    check_finite(state, path)
     return state
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path, files: list[Path] | None = None) -> None:
+    """Record the size and SHA-256 of ``files`` (default: every file under ``directory`` but manifests);
+    call it after everything else is written. It is written to a temporary name and renamed, so a
+    directory whose writing was interrupted has no manifest."""
+    if files is None:
+        files = [p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_NAME]
+    entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(files)}
+    partial = directory / (MANIFEST_NAME + ".partial")
+    partial.write_text(json.dumps({"files": entries}, indent=1))
+    partial.rename(directory / MANIFEST_NAME)
+
+
+def open_directory(directory_or_hub_id: str | Path, checksums: bool = True) -> Path:
+    """The reward model directory (see :func:`resolve_directory`), refused unless it has its config and,
+    when it carries a manifest, every file listed there (with its SHA-256 unless ``checksums`` is False:
+    the cheap check a caller runs before it loads a generator)."""
+    directory = resolve_directory(directory_or_hub_id)
+    if not (directory / CONFIG_NAME).is_file():
+        raise CheckpointError(f"{directory / CONFIG_NAME} is missing: not a DiNa-LRM checkpoint directory")
+    if (directory / MANIFEST_NAME).is_file():
+        verify_manifest(directory, checksums)
+    return directory
+
+
+def verify_manifest(directory: Path, checksums: bool = True) -> None:
+    """Raise :class:`CheckpointError`, naming the file, unless every file matches ``directory``'s manifest
+    (its size, and its SHA-256 unless ``checksums`` is False)."""
+    manifest = directory / MANIFEST_NAME
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{manifest} is damaged: {err}") from None
+    for relative, expected in entries.items():
+        path = directory / relative
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing (listed in {MANIFEST_NAME})")
+        if path.stat().st_size != expected["bytes"]:
+            raise CheckpointError(f"{path} is damaged: {path.stat().st_size} bytes, {MANIFEST_NAME} says {expected['bytes']}")
+        if checksums and sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"{path} is damaged: its SHA-256 differs from {MANIFEST_NAME}")
 
 
 def find_file(folder: Path, *names: str) -> Path:

@@ -176,7 +176,8 @@ class DiNaLRM(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the release layout: config.json and checkpoint/{rm_head.safetensors, rm_head.pt, backbone_lora/}
-        (``rm_head.pt`` so that the authors' inference code loads our checkpoints too)."""
+        (``rm_head.pt`` so that the authors' inference code loads our checkpoints too), then manifest.json
+        with every file's SHA-256."""
         directory = Path(directory)
         checkpoint_dir = directory / "checkpoint"
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -188,17 +189,20 @@ class DiNaLRM(nn.Module):
             self.backbone.save_pretrained(str(checkpoint_dir / ckpt.LORA_DIR))
         elif mode == "full":
             ckpt.write_weights(checkpoint_dir / ckpt.BACKBONE_NAME, self.base_backbone)
+        written = [directory / ckpt.CONFIG_NAME, *(p for p in checkpoint_dir.rglob("*") if p.is_file())]
+        ckpt.write_manifest(directory, written)
         return directory
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, transformer: nn.Module) -> DiNaLRM:
         """Load our checkpoints or the release's, onto ``transformer``'s device and dtype (eval mode).
-        ``directory``: a local directory or a hub id such as ``liuhuohuo/DiNa-LRM-SD35M-12layers``."""
-        directory = ckpt.resolve_directory(directory)
-        config_path = directory / ckpt.CONFIG_NAME
-        if not config_path.is_file():
-            raise ckpt.CheckpointError(f"{config_path} is missing: not a DiNa-LRM checkpoint directory")
-        model = cls(load_config(config_path), transformer)
+        ``directory``: a local directory or a hub id such as ``liuhuohuo/DiNa-LRM-SD35M-12layers``.
+
+        Raises :class:`~dina_lrm.models.checkpoint.CheckpointError`, naming the file, when a file differs
+        from the checkpoint's manifest (ours carry one), a weight is NaN or inf, or the weights do not
+        fit the model."""
+        directory = ckpt.open_directory(directory)
+        model = cls(load_config(directory / ckpt.CONFIG_NAME), transformer)
         checkpoint_dir = directory / "checkpoint"
         mode = model.config.model.backbone_mode
         if mode == "full" and (checkpoint_dir / ckpt.RELEASE_FULL_NAME).is_file():

@@ -30,6 +30,7 @@ import torch
 import dina_lrm
 from dina_lrm.config import from_dict
 from dina_lrm.losses import thurstone_variance
+from dina_lrm.config import LATENT_U
 from dina_lrm.scorer import AUTOCAST, DTYPES, SCORE_OFFSET, SCORE_SCALE, Scorer
 from dina_lrm.serve.batcher import MicroBatcher, WorkItem
 from dina_lrm.serve.protocol import (
@@ -59,7 +60,7 @@ class ServeConfig:
     max_batch_size: int = 8  # items per backbone pass
     max_wait_ms: float = 10.0  # how long the oldest waiting item may wait for others
     max_request_mb: float = 64.0  # larger bodies get 413
-    default_u: float = 0.4  # noise level when a request gives none (0.4 suits a generator's clean latents)
+    default_u: float = LATENT_U  # noise level when a request gives none (clients send a generator's clean latents)
     max_sequence_length: int | None = None  # T5 tokens when the server encodes prompts (default: the model's own)
     max_prompts: int = 256  # prompts per request (more: 413)
     max_prompt_chars: int = 2000  # characters per prompt (longer: 413)
@@ -135,7 +136,8 @@ class RewardService:
         results = [future.result() for future in self.batcher.submit(items)]
         raw = [r["raw"] for r in results]
         if not all(math.isfinite(value) for value in raw):
-            raise BadRequest(422, "the scores are not finite (NaN or inf): are the latents normalised VAE latents of a sane range?")
+            raise BadRequest(422, "the reward model returned NaN or inf for these finite latents (its weights were checked finite "
+                                  "at load): are they normalised VAE latents of a sane range?")
         return score_response(raw=raw, sigmas=[r["sigmas"] for r in results], thurstone_std=[r["thurstone_std"] for r in results])
 
     def _text(self, request: ScoreRequest) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,6 +160,7 @@ class RewardService:
             noise_levels=list(first.levels),
             n_draws=first.n_draws,
             seeds=[item.seed for item in items],
+            allow_nonfinite=True,
         )
         sigmas, std = result.sigmas.tolist(), result.thurstone_std.tolist()
         return [{"raw": float(raw), "sigmas": sigmas, "thurstone_std": std} for raw in result.raw]

@@ -47,11 +47,19 @@ class PooledCosineLRM(DiNaLRM):
         out = self.features(latents, encoder_hidden_states, pooled_projections, timesteps)
         return self.reward_head(out.visual[-1], pooled_projections)
 
-    def forward_ensemble(self, latents, encoder_hidden_states, pooled_projections, timesteps) -> torch.Tensor:
-        """The mean cosine over the K noise levels of ``latents`` (K, B, C, H, W)."""
+    def forward_ensemble(self, latents, encoder_hidden_states, pooled_projections, timesteps,
+                         max_batch_items: int | None = None) -> torch.Tensor:
+        """The mean cosine over the K noise levels of ``latents`` (K, B, C, H, W), one level per pass
+        (``max_batch_items`` below B splits the batch too, as in :meth:`DiNaLRM.forward_ensemble`)."""
         latents = torch.stack(list(latents)) if not torch.is_tensor(latents) else latents
         timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(latents.shape[0], -1).expand(latents.shape[:2])
-        return torch.stack([self(x, encoder_hidden_states, pooled_projections, t) for x, t in zip(latents, timesteps)]).mean(0)
+        bound = latents.shape[1] if max_batch_items is None else max_batch_items
+        parts = [slice(i, i + bound) for i in range(0, latents.shape[1], bound)]
+        return torch.cat([
+            torch.stack([self(x[part], encoder_hidden_states[part], pooled_projections[part], t[part])
+                         for x, t in zip(latents, timesteps)]).mean(0)
+            for part in parts
+        ])
 
 
 def lrm_preference_step(

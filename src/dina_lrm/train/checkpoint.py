@@ -11,7 +11,6 @@ writing was interrupted has no manifest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -21,12 +20,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-MANIFEST_NAME = "manifest.json"
+from dina_lrm.models.checkpoint import MANIFEST_NAME, CheckpointError, verify_manifest, write_manifest
+
+__all__ = ["CheckpointError", "load_state", "newest_verified", "save_state", "verify", "write_manifest"]
+
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".bin", ".pt", ".pth", ".ckpt")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be trusted: damaged, incomplete, or holding a pickle."""
 
 
 def save_state(state, directory: Path, name: str) -> None:
@@ -96,44 +94,15 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_manifest(directory: Path) -> None:
-    """List every file of the checkpoint with its size and SHA-256; call it after everything else is written."""
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
-    entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-    partial = directory / (MANIFEST_NAME + ".partial")
-    partial.write_text(json.dumps({"files": entries}, indent=1))
-    partial.rename(directory / MANIFEST_NAME)
-
-
 def verify(directory: Path) -> None:
     """Raise :class:`CheckpointError`, naming the file, unless every file matches the manifest."""
     pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise CheckpointError(f"{directory / pickles[0]} is a pickle file: dina-lrm checkpoints hold safetensors and JSON "
                               "only and are never unpickled (an accelerate-format or tampered checkpoint)")
-    manifest = directory / MANIFEST_NAME
-    if not manifest.is_file():
+    if not (directory / MANIFEST_NAME).is_file():
         raise CheckpointError(f"{directory} has no {MANIFEST_NAME}: its writing did not finish, or it is not a dina-lrm checkpoint")
-    try:
-        entries = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{manifest} is damaged: {err}") from None
-    for relative, expected in entries.items():
-        path = directory / relative
-        if not path.is_file():
-            raise CheckpointError(f"{path} is missing (listed in {MANIFEST_NAME})")
-        if path.stat().st_size != expected["bytes"]:
-            raise CheckpointError(f"{path} is damaged: {path.stat().st_size} bytes, {MANIFEST_NAME} says {expected['bytes']}")
-        if _sha256(path) != expected["sha256"]:
-            raise CheckpointError(f"{path} is damaged: its SHA-256 differs from {MANIFEST_NAME}")
+    verify_manifest(directory)
 
 
 def newest_verified(candidates: list[Path]) -> tuple[Path, list[str]]:

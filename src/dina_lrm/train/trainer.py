@@ -7,8 +7,9 @@ the same state, so N processes with batch B follow one process with batch N*B.
 
 A checkpoint ``<run_dir>/checkpoints/step-NNNNNNN/`` holds the trainable weights, optimizer, LR
 schedule, EMA, RNG states and data position as data only (``train/checkpoint.py``: safetensors and
-JSON, a manifest with checksums written last), plus ``reward_model/``: the EMA weights in the release
-layout, loadable by ``DiNaLRM.from_pretrained``. ``--resume latest`` continues exactly from the newest
+JSON, a manifest with checksums written last), plus ``reward_model/``: the weights (their EMA with
+``training.use_ema``) in the release layout, loadable by ``DiNaLRM.from_pretrained``. By default a run
+trains as the release was trained: constant learning rate without warmup, no EMA. ``--resume latest`` continues exactly from the newest
 checkpoint that verifies. ``metrics.jsonl`` and ``training_curves.png`` in the run directory record the run.
 """
 
@@ -19,6 +20,7 @@ import math
 import resource
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,6 +132,10 @@ class Trainer:
             project_dir=str(self.run_dir),
         )
         set_seed(config.system.seed)
+        inert = config.inert_release_keys()
+        if inert and self.accelerator.is_main_process:
+            warnings.warn("the authors' trainer ignores these keys, and so does this run (as the release was trained): "
+                          + "; ".join(inert), stacklevel=2)
         self.loader = self._train_loader()
         self.eval_loaders = {name: self._eval_loader(section) for name, section in config.data.eval.items()}
         pipe = pipe if pipe is not None else self._load_pipeline()
@@ -151,13 +157,13 @@ class Trainer:
         # The schedule is stepped once per optimizer step by this loop; accelerate would step a
         # prepared scheduler once per process.
         self.lr_scheduler = get_scheduler(
-            "cosine" if training.lr_scheduler == "cosine" else "constant_with_warmup",
+            training.lr_scheduler,
             optimizer,
             num_warmup_steps=training.warmup_steps,
             num_training_steps=self.total_steps,
         )
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.ema = EMAModel(self.trainable, decay=config.model.ema_decay) if config.model.use_ema else None
+        self.ema = EMAModel(self.trainable, decay=training.ema_decay) if training.use_ema else None
         self.state = TrainState(config.system.seed)
 
     def _train_loader(self):
@@ -358,7 +364,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Pairwise accuracy per eval set and u (EMA weights), summed over all processes."""
+        """Pairwise accuracy per eval set and u (the EMA weights with training.use_ema), summed over all processes."""
         u_values = self.config.logging.eval_u
         metrics = {}
         with self.ema_weights(), self.accelerator.autocast():
@@ -402,7 +408,7 @@ class Trainer:
                 shutil.rmtree(old)
 
     def save_reward_model(self, directory: Path) -> Path:
-        """The EMA weights in the release layout (main process writes; all processes wait)."""
+        """The weights (their EMA with training.use_ema) in the release layout (main process writes; all wait)."""
         self.accelerator.wait_for_everyone()
         with self.ema_weights():
             if self.accelerator.is_main_process:
