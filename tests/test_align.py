@@ -175,17 +175,17 @@ def test_resume_never_unpickles_and_skips_a_damaged_checkpoint(pipeline_dir, rew
     run = Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "run"))
     run.run()
     checkpoints = tmp_path / "run" / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_000002", "step_000004"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000002", "step-0000004"]
     assert not [p for p in checkpoints.rglob("*") if p.suffix in (".pt", ".pkl", ".bin")]
     marker = tmp_path / "pwned"
-    (checkpoints / "step_000004" / "optimizer.pt").write_bytes(pickle.dumps(PlantedPayload(str(marker))))
+    (checkpoints / "step-0000004" / "optimizer.pt").write_bytes(pickle.dumps(PlantedPayload(str(marker))))
     with pytest.raises(ValueError, match="optimizer.pt is a pickle file"):
-        Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "run")).resume(checkpoints / "step_000004")
-    (checkpoints / "step_000004" / "optimizer.pt").unlink()
-    lora = checkpoints / "step_000004" / "lora.safetensors"
+        Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "run")).resume(checkpoints / "step-0000004")
+    (checkpoints / "step-0000004" / "optimizer.pt").unlink()
+    lora = checkpoints / "step-0000004" / "lora.safetensors"
     lora.write_bytes(lora.read_bytes()[:100])
     with pytest.raises(ValueError, match="lora.safetensors is damaged"):
-        Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "run")).resume(checkpoints / "step_000004")
+        Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "run")).resume(checkpoints / "step-0000004")
     resumed = Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "run"))
     resumed.resume("latest")
     assert resumed.step == 2 and not marker.exists()
@@ -285,4 +285,4 @@ def test_two_processes_split_sampling_and_average_gradients(pipeline_dir, reward
     assert result.returncode == 0, result.stderr[-3000:]
     lines = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3 and "eval_reward" in lines[-1]
-    assert (tmp_path / "ddp" / "checkpoints" / "step_000002" / "lora.safetensors").is_file()
+    assert (tmp_path / "ddp" / "checkpoints" / "step-0000002" / "lora.safetensors").is_file()

@@ -42,7 +42,15 @@ from dina_lrm.models.backbones import policy_for
 from dina_lrm.models.policy import Schedule, TextConditioning
 from dina_lrm.outputs import claim_output
 from dina_lrm.scorer import DTYPES, load_pipeline
-from dina_lrm.train.checkpoint import load_state, newest_verified, save_state, verify, write_manifest
+from dina_lrm.train.checkpoint import (
+    begin_checkpoint,
+    checkpoint_path,
+    commit_checkpoint,
+    latest_checkpoint,
+    load_state,
+    save_state,
+    verify,
+)
 
 ALIGN_OUTPUTS = ["checkpoints", "metrics.jsonl", "lora", "best", "samples", "history.json", "summary.json"]
 
@@ -253,21 +261,22 @@ class Aligner:
             (self.out / "best" / "step.json").write_text(json.dumps({"step": record["step"], "eval_judge": record["eval_judge"]}))
 
     def save_checkpoint(self) -> Path:
-        directory = self.out / "checkpoints" / f"step_{self.step:06d}"
+        """The run's state as data, written as train's checkpoints are (atomic, with a manifest)."""
+        directory = checkpoint_path(self.out, self.step)
         if self.accelerator.is_main_process:
-            directory.mkdir(parents=True, exist_ok=True)
-            save_file(self.lora_state(), str(directory / "lora.safetensors"))
+            partial = begin_checkpoint(directory)
+            save_file(self.lora_state(), str(partial / "lora.safetensors"))
             if self.best_lora is not None:
-                save_file(self.best_lora, str(directory / "best_lora.safetensors"))
+                save_file(self.best_lora, str(partial / "best_lora.safetensors"))
             if self.ema is not None:
-                save_file(self.ema.state_dict(), str(directory / "ema.safetensors"))
+                save_file(self.ema.state_dict(), str(partial / "ema.safetensors"))
             if self.method.state_dict():
-                save_file(self.method.state_dict(), str(directory / "method.safetensors"))
-            save_state(self.optimizer.state_dict(), directory, "optimizer")
+                save_file(self.method.state_dict(), str(partial / "method.safetensors"))
+            save_state(self.optimizer.state_dict(), partial, "optimizer")
             state = {"step": self.step, "train_seconds": self.train_seconds, "train_cpu_seconds": self.train_cpu_seconds,
                      "history": self.history, "test": self.test, "config": asdict(self.config)}
-            (directory / "trainer_state.json").write_text(json.dumps(state, indent=1))
-            write_manifest(directory)
+            (partial / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            commit_checkpoint(partial)
         self.accelerator.wait_for_everyone()
         return directory
 
@@ -275,10 +284,7 @@ class Aligner:
         """Load a checkpoint (``"latest"``: the newest that verifies); data only, never a pickle."""
         directory = Path(checkpoint)
         if str(checkpoint) == "latest":
-            found = sorted((self.out / "checkpoints").glob("step_*"))
-            if not found:
-                raise FileNotFoundError(f"no checkpoint to resume under {self.out / 'checkpoints'}")
-            directory, skipped = newest_verified(found)
+            directory, skipped = latest_checkpoint(self.out)
             for line in skipped:
                 self.accelerator.print(line)
         if not (directory / "trainer_state.json").is_file():

@@ -1,5 +1,9 @@
 """Training checkpoints that hold data only, for ``train`` and ``align``.
 
+Both trainers (``train``, ``align``) lay checkpoints out alike: ``<run>/checkpoints/step-NNNNNNN/``,
+written as ``step-NNNNNNN.partial/`` and renamed when complete (:func:`begin_checkpoint`,
+:func:`commit_checkpoint`), so an interrupted write never looks like a checkpoint.
+
 A state (an optimizer's, a scheduler's, the RNGs', any nest of dicts, lists and tuples) is written as
 two files we read back ourselves: ``NAME.safetensors`` with its tensors and ``NAME.json`` with the
 rest, tensors replaced by their keys. Nothing is ever unpickled: a checkpoint with a pickle file at
@@ -14,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +27,46 @@ from safetensors.torch import load_file, save_file
 
 from dina_lrm.models.checkpoint import MANIFEST_NAME, CheckpointError, verify_manifest, write_manifest
 
-__all__ = ["CheckpointError", "load_state", "newest_verified", "save_state", "verify", "write_manifest"]
+__all__ = ["CheckpointError", "begin_checkpoint", "checkpoint_path", "commit_checkpoint", "latest_checkpoint", "list_checkpoints",
+           "load_state", "newest_verified", "save_state", "verify"]
 
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".bin", ".pt", ".pth", ".ckpt")
+CHECKPOINT_PREFIX = "step-"
+PARTIAL_SUFFIX = ".partial"
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:07d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first (unfinished ``.partial`` writes left out)."""
+    return sorted((run_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*[0-9]"))
+
+
+def begin_checkpoint(directory: Path) -> Path:
+    """A fresh folder to write ``directory``'s files into (call on the main process only)."""
+    partial = directory.with_name(directory.name + PARTIAL_SUFFIX)
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def commit_checkpoint(partial: Path) -> Path:
+    """Seal a :func:`begin_checkpoint` folder: the manifest last, then the rename that makes it a checkpoint."""
+    directory = partial.with_name(partial.name.removesuffix(PARTIAL_SUFFIX))
+    write_manifest(partial)
+    shutil.rmtree(directory, ignore_errors=True)
+    partial.rename(directory)
+    return directory
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[Path, list[str]]:
+    """The newest checkpoint that verifies, and a line for each newer one skipped."""
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise FileNotFoundError(f"--resume latest: no checkpoint under {run_dir / 'checkpoints'}")
+    return newest_verified(found)
 
 
 def save_state(state, directory: Path, name: str) -> None:

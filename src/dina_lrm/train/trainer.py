@@ -42,20 +42,23 @@ from dina_lrm.models.reward_model import DiNaLRM
 from dina_lrm.noise import NoiseSampler, SigmaTable
 from dina_lrm.outputs import claim_output
 from dina_lrm.train.checkpoint import (
+    PARTIAL_SUFFIX,
     CheckpointError,
+    begin_checkpoint,
+    checkpoint_path,
+    commit_checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
     load_state,
-    newest_verified,
     rng_states,
     save_state,
     set_rng_states,
     truncate_metrics,
     verify,
-    write_manifest,
 )
 from dina_lrm.train.plots import plot_training_curves
 from dina_lrm.train.step import PreferenceBatch, draw_noise, preference_forward
 
-CHECKPOINT_PREFIX = "step-"
 TRAINABLE_NAME = "trainable.safetensors"
 CONFIG_NAME = "train_config.json"
 METRICS_NAME = "metrics.jsonl"
@@ -90,14 +93,6 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         self.global_step, self.epoch, self.batch_in_epoch = state["global_step"], state["epoch"], state["batch_in_epoch"]
         self.noise_generator.set_state(state["noise_generator"])
-
-
-def latest_checkpoint(run_dir: Path) -> tuple[Path, list[str]]:
-    """The newest checkpoint that verifies, and a line for each newer one skipped."""
-    found = sorted((run_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*[0-9]"))
-    if not found:
-        raise FileNotFoundError(f"--resume latest: no checkpoint under {run_dir / 'checkpoints'}")
-    return newest_verified(found)
 
 
 def check_resumable(checkpoint: Path, config: DiNaConfig) -> None:
@@ -384,19 +379,16 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write the full training state; a crash mid-write leaves no checkpoint that ``latest`` would pick."""
-        directory = self.run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{self.state.global_step:07d}"
-        partial = directory.with_name(directory.name + ".partial")
+        directory = checkpoint_path(self.run_dir, self.state.global_step)
+        partial = directory.with_name(directory.name + PARTIAL_SUFFIX)
         if self.accelerator.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
+            begin_checkpoint(directory)
         self.accelerator.wait_for_everyone()
         self._write_state(partial)
         self.save_reward_model(partial / "reward_model")
         if self.accelerator.is_main_process:
             (partial / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))
-            write_manifest(partial)
-            shutil.rmtree(directory, ignore_errors=True)
-            partial.rename(directory)
+            commit_checkpoint(partial)
             self._prune_checkpoints()
         self.accelerator.wait_for_everyone()
         return directory
@@ -404,7 +396,7 @@ class Trainer:
     def _prune_checkpoints(self) -> None:
         limit = self.config.logging.checkpoints_total_limit
         if limit > 0:
-            for old in sorted((self.run_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*[0-9]"))[:-limit]:
+            for old in list_checkpoints(self.run_dir)[:-limit]:
                 shutil.rmtree(old)
 
     def save_reward_model(self, directory: Path) -> Path:
