@@ -76,7 +76,7 @@ def mid_scorer(text_cost: float) -> tuple[Scorer, dict]:
 
 
 def toy_scorer() -> tuple[Scorer, dict]:
-    from dina_lrm.scorer import load_pipeline
+    from dina_lrm.pipelines import load_pipeline
     from dina_lrm.toyworld.demo import DEMO_MODEL
     from dina_lrm.toyworld.generator import T5_TOKENS
 

@@ -29,7 +29,7 @@ import time
 import torch
 from midsize import BACKBONES, LATENT_SHAPE, build_model, text_inputs
 
-from dina_lrm.eval.cost import MemoryMeter, resident_bytes
+from dina_lrm.memory import MemoryMeter, resident_bytes
 
 LEVELS = [0.2, 0.5, 0.8]
 MODES = ("loop", "one pass", "ours", "bf16", "compile", "grad", "grad + checkpointing")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dina_lrm.scorer import load_pipeline
+from dina_lrm.pipelines import load_pipeline
 from dina_lrm.toyworld.demo import SHIPPED_GENERATOR, SHIPPED_REWARD
 from dina_lrm.toyworld.rewards import load_pixel_reward
 from dina_lrm.toyworld.search_experiment import run_search_experiment, search_markdown

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from dina_lrm import DiNaConfig, DiNaLRM, Scorer
-from dina_lrm.scorer import load_pipeline
+from dina_lrm.pipelines import load_pipeline
 from dina_lrm.serve.client import RewardClient, RewardServerError
 from dina_lrm.toyworld.demo import DEMO_MODEL
 from dina_lrm.toyworld.generator import T5_TOKENS

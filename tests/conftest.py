@@ -44,7 +44,7 @@ def text_inputs():
 @pytest.fixture(scope="session")
 def reward_dir(pipeline_dir, tmp_path_factory):
     """A saved LoRA-mode DiNa-LRM on the tiny pipeline, with non-zero LoRA weights (read-only in tests)."""
-    from dina_lrm.scorer import load_pipeline
+    from dina_lrm.pipelines import load_pipeline
 
     model = DiNaLRM(tiny_config(), load_pipeline(pipeline_dir).transformer)
     randomize_lora(model)

@@ -19,7 +19,7 @@ from dina_lrm.align.trainer import Aligner
 from dina_lrm.config import ConfigError
 from dina_lrm.models.backbones import policy_for
 from dina_lrm.models.policy import TextConditioning
-from dina_lrm.scorer import load_pipeline
+from dina_lrm.pipelines import load_pipeline
 
 
 def test_sde_step_log_prob_is_the_closed_form_gaussian():

@@ -13,7 +13,7 @@ from dina_lrm.align.methods.nft import OLD_DECAYS, adaptive_loss, nft_loss, opti
 from dina_lrm.align.sampling import DPMSolver2, initial_noise, sample_ode
 from dina_lrm.align.trainer import Aligner
 from dina_lrm.models.backbones import policy_for
-from dina_lrm.scorer import load_pipeline
+from dina_lrm.pipelines import load_pipeline
 
 
 def by_hand(velocity, old, noisy, clean, sigmas, r, beta, a_max):

@@ -19,7 +19,7 @@ from dina_lrm.models.policy import TextConditioning
 from dina_lrm.align.trainer import Aligner
 from dina_lrm.data.shards import PairRecord, write_preference_shards
 from dina_lrm.noise import SigmaTable
-from dina_lrm.scorer import load_pipeline
+from dina_lrm.pipelines import load_pipeline
 from dina_lrm.toyworld.alignment import in_workers, run_one
 
 

@@ -17,7 +17,7 @@ from dina_lrm.config import DiNaConfig
 from dina_lrm.data.prepare import PrepareConfig, prepare
 from dina_lrm.data.shards import load_preference_shards
 from dina_lrm.eval.runner import EvalConfig, evaluate
-from dina_lrm.scorer import load_pipeline
+from dina_lrm.pipelines import load_pipeline
 from dina_lrm.serve.client import RewardClient
 from dina_lrm.serve.server import ServeConfig, load_service, make_server
 from dina_lrm.toyworld.benchmark import write_toy_benchmark

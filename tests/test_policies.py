@@ -19,7 +19,7 @@ from dina_lrm.align.trainer import Aligner
 from dina_lrm.models.backbones import policy_for
 from dina_lrm.models.flux import pack_latents
 from dina_lrm.models.flux_policy import unpack_latents
-from dina_lrm.scorer import load_pipeline
+from dina_lrm.pipelines import load_pipeline
 from dina_lrm.search import Searcher, SearchConfig
 from tiny_flux import build_tiny_flux_pipeline
 from tiny_qwenimage import build_tiny_qwenimage_pipeline

@@ -5,7 +5,7 @@ import torch
 from conftest import randomize_lora, tiny_config
 
 from dina_lrm import DiNaLRM, Scorer
-from dina_lrm.scorer import load_pipeline
+from dina_lrm.pipelines import load_pipeline
 
 # diffusers' RMSNorm (SD3's qk-norm) takes its variance in float32 even for float64 inputs, which puts
 # ~1e-8 relative noise on every forward pass: a finite-difference step of 1e-4 keeps that well

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dina_lrm import Scorer
-from dina_lrm.scorer import load_pipeline
+from dina_lrm.pipelines import load_pipeline
 from dina_lrm.search import Searcher, SearchConfig
 from dina_lrm.toyworld.demo import SHIPPED_GENERATOR, SHIPPED_REWARD
 from dina_lrm.toyworld.generator import T5_TOKENS

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dina_lrm.models.sd3_text import SD3PromptEncoder
-from dina_lrm.scorer import load_pipeline
+from dina_lrm.pipelines import load_pipeline
 from dina_lrm.toyworld.generator import T5_TOKENS, ToyGeneratorConfig, build_tokenizer, build_toy_pipeline
 from dina_lrm.toyworld.preferences import Candidate, _normal_cdf, candidate_pairs, label_pairs, rater_noise
 

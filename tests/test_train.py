@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from dina_lrm.config import ConfigError, DiNaConfig, load_config
 from dina_lrm.data.shards import FORMAT, INDEX_NAME, VERSION, PairRecord, write_preference_shards
 from dina_lrm.models.reward_model import DiNaLRM
-from dina_lrm.scorer import load_pipeline
+from dina_lrm.pipelines import load_pipeline
 from dina_lrm.train.trainer import METRICS_NAME, TRAINABLE_NAME, Trainer, latest_checkpoint, train
 
 

@@ -102,7 +102,7 @@ def test_bootstrap_interval_resamples_prompts_and_is_reproducible():
 
 def test_a_slow_machine_trains_the_same_model(pipeline_dir):
     """The budget is steps, not seconds: a step that takes longer (a busy machine) changes nothing."""
-    from dina_lrm.scorer import load_pipeline
+    from dina_lrm.pipelines import load_pipeline
 
     def train(delay: float) -> tuple[list[dict], dict]:
         pipe = load_pipeline(pipeline_dir)

@@ -66,7 +66,8 @@ def run_score(args) -> int:
         args.reward, args.model = str(SHIPPED_REWARD), str(SHIPPED_GENERATOR)
     elif not (args.reward and args.model):
         raise ValueError("give --reward DIR (or hub id) and --model (its generator), or --toy")
-    from dina_lrm.scorer import DTYPES, Scorer
+    from dina_lrm.pipelines import DTYPES
+    from dina_lrm.scorer import Scorer
 
     scorer = Scorer.from_pretrained(
         args.reward, args.model, device=args.device, dtype=DTYPES[args.dtype], max_sequence_length=args.max_sequence_length,
@@ -267,7 +268,7 @@ def run_sample(args) -> int:
     elif not (args.reward and args.model):
         raise ValueError("give --reward DIR (or hub id) and --model (its generator), or --toy")
     from dina_lrm.outputs import claim_output
-    from dina_lrm.scorer import DTYPES, load_pipeline
+    from dina_lrm.pipelines import DTYPES, load_pipeline
     from dina_lrm.search import Searcher, SearchConfig, write_results
 
     options = {k: getattr(args, k) for k in ("strategy", "n", "keep", "at", "steps", "guidance_scale", "max_sequence_length", "seed")
@@ -291,7 +292,7 @@ def run_pretrain(args) -> int:
 
     overrides = {k: getattr(args, k) for k in ("vae_steps", "generator_steps", "dataset_size", "vae_from", "generator_from", "save_dtype") if getattr(args, k) is not None}
     pretrain(Path(args.out), PretrainConfig(seed=args.seed, **overrides))
-    print(f"Wrote the toy generator to {args.out} (load it with dina_lrm.scorer.load_pipeline)")
+    print(f"Wrote the toy generator to {args.out} (load it with dina_lrm.pipelines.load_pipeline)")
     return 0
 
 

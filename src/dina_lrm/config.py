@@ -310,10 +310,16 @@ def _typed(hint, value: Any, path: str):
     return value
 
 
+def settings_differences(old: dict, new: dict) -> list[str]:
+    """``"key: old -> new"`` for every dotted key whose value differs between two nested settings dicts."""
+    flat_old, flat_new = flatten_config(old), flatten_config(new)
+    keys = sorted(set(flat_old) | set(flat_new))
+    return [f"{key}: {flat_old.get(key)!r} -> {flat_new.get(key)!r}" for key in keys if flat_old.get(key) != flat_new.get(key)]
+
+
 def config_differences(a: DiNaConfig, b: DiNaConfig) -> list[str]:
-    """``"key: a -> b"`` for every dotted key whose value differs."""
-    flat_a, flat_b = flatten_config(a.to_dict()), flatten_config(b.to_dict())
-    return [f"{key}: {flat_a.get(key)!r} -> {flat_b.get(key)!r}" for key in sorted(set(flat_a) | set(flat_b)) if flat_a.get(key) != flat_b.get(key)]
+    """:func:`settings_differences` of two configurations."""
+    return settings_differences(a.to_dict(), b.to_dict())
 
 
 def flatten_config(tree: dict, prefix: str = "") -> dict:

@@ -13,20 +13,13 @@ import json
 import shutil
 from pathlib import Path
 
-from dina_lrm.config import flatten_config
+from dina_lrm.config import settings_differences
 
 SETTINGS_NAME = "settings.json"
 
 
 class OutputExists(ValueError):
     """The output folder holds earlier results this run would overwrite or mix with."""
-
-
-def settings_differences(old: dict, new: dict) -> list[str]:
-    """``"key: old -> new"`` for every dotted key whose value differs."""
-    flat_old, flat_new = flatten_config(old), flatten_config(new)
-    keys = sorted(set(flat_old) | set(flat_new))
-    return [f"{key}: {flat_old.get(key)!r} -> {flat_new.get(key)!r}" for key in keys if flat_old.get(key) != flat_new.get(key)]
 
 
 def claim_output(out: Path, command: str, settings: dict, outputs: list[str], *, overwrite: bool = False,

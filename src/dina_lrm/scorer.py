@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline
 
-from dina_lrm.config import DTYPE_NAMES
 from dina_lrm.data.images import center_crop_to_multiple, load_images, vae_encode, vae_scale_factor
 from dina_lrm.models.backbones import prompt_encoder_for
-from dina_lrm.models.checkpoint import open_directory
-from dina_lrm.models.prompt_cache import padded_with_mask
-from dina_lrm.models.prompt_cache import CachedPromptEncoder
-from dina_lrm.models.reward_model import DiNaLRM
 from dina_lrm.losses import pair_probability, thurstone_variance
+from dina_lrm.models.checkpoint import open_directory
+from dina_lrm.models.prompt_cache import CachedPromptEncoder, padded_with_mask
+from dina_lrm.models.reward_model import DiNaLRM
 from dina_lrm.noise import SigmaTable, add_noise, default_u
+from dina_lrm.pipelines import load_pipeline
 
 SCORE_OFFSET, SCORE_SCALE = 10.0, 10.0
-DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 VAE_BATCH = 16  # images per VAE encoder pass
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the backbone under autocast, the head in the model's dtype
 
@@ -293,25 +289,3 @@ def _match_prompts(prompts: str | list[str], count: int) -> list[str]:
     if len(prompts) != count:
         raise ValueError(f"got {len(prompts)} prompts for {count} images/latents; give one prompt per item, or one string")
     return prompts
-
-
-def load_pipeline(model_id_or_dir: str | Path, dtype: torch.dtype = torch.float32, skip: list[str] | tuple = ()):
-    """A diffusers pipeline from a local directory or a hub id, with a clear error if neither loads.
-
-    Components a local pipeline saved as absent (SD3 without T5: ``text_encoder_3: [null, null]``)
-    are passed as None, which diffusers requires for non-optional components; so are the ``skip``
-    components (e.g. the text encoders when prompt embeddings are cached)."""
-    absent = {name: None for name in skip}
-    index = Path(model_id_or_dir) / "model_index.json"
-    if index.is_file():
-        components = json.loads(index.read_text())
-        absent = {name: None for name in skip if name in components}  # a FLUX pipeline has no text_encoder_3
-        absent.update({name: None for name, value in components.items() if value == [None, None]})
-    try:
-        return DiffusionPipeline.from_pretrained(str(model_id_or_dir), dtype=dtype, **absent)
-    except (OSError, ValueError) as err:
-        where = "local directory" if Path(model_id_or_dir).exists() else "hub id (or missing local path)"
-        gated = "gated" in str(err).lower() or "401" in str(err)
-        hint = (f"; the model is gated: accept its licence at https://huggingface.co/{model_id_or_dir} and log in "
-                "(`hf auth login` or HF_TOKEN)") if gated else ""
-        raise OSError(f"cannot load the generator pipeline from {model_id_or_dir!r} ({where}): {err}{hint}") from err

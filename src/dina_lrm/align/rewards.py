@@ -32,7 +32,8 @@ from dina_lrm.config import import_object
 from dina_lrm.data.images import vae_decode
 from dina_lrm.models.reward_model import DiNaLRM
 from dina_lrm.config import IMAGE_U, LATENT_U
-from dina_lrm.scorer import DTYPES, ScoreResult, Scorer
+from dina_lrm.pipelines import DTYPES
+from dina_lrm.scorer import ScoreResult, Scorer
 
 SCALES = ("normalized", "raw")
 INPUTS = ("images", "latents")

@@ -37,11 +37,11 @@ from dina_lrm.align.rewards import build_reward
 from dina_lrm.align.sampling import VelocityFn, initial_noise, sample_ode
 from dina_lrm.data.images import vae_decode
 from dina_lrm.distributed import cpu_only
-from dina_lrm.eval.cost import MemoryMeter
+from dina_lrm.memory import MemoryMeter
 from dina_lrm.models.backbones import policy_for
 from dina_lrm.models.policy import Schedule, TextConditioning
 from dina_lrm.outputs import claim_output
-from dina_lrm.scorer import DTYPES, load_pipeline
+from dina_lrm.pipelines import DTYPES, load_pipeline
 from dina_lrm.train.checkpoint import (
     begin_checkpoint,
     checkpoint_path,

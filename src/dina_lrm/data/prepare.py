@@ -186,7 +186,7 @@ def prepare(config: PrepareConfig, pipe=None, overwrite: bool = False) -> Path |
     """Run (or resume) the job on this process's share of units; the main process writes and
     returns the index path (other ranks return None). An ``out`` folder prepared with other
     settings is refused unless ``overwrite`` (which removes its shards first)."""
-    from dina_lrm.scorer import DTYPES, load_pipeline
+    from dina_lrm.pipelines import DTYPES, load_pipeline
 
     state = PartialState(cpu=cpu_only())
     out = Path(config.out)

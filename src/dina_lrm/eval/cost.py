@@ -7,13 +7,10 @@ The text encoders are left out: a prompt is encoded once for all images of its g
 
 from __future__ import annotations
 
-import resource
-import threading
 import weakref
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -64,49 +61,6 @@ def scoring_flops(model: DiNaLRM, latent_shape: tuple[int, int, int], text_token
     read = backbone.feature_tokens(image_tokens, text_tokens)
     one_draw = levels * backbone_flops(model, image_tokens, text_tokens) + head_flops(model, *read, levels)
     return setting.draws * one_draw
-
-
-def resident_bytes() -> int:
-    """The process's resident set now (Linux; elsewhere its peak so far)."""
-    statm = Path("/proc/self/statm")
-    if statm.is_file():
-        return int(statm.read_text().split()[1]) * resource.getpagesize()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class MemoryMeter:
-    """Peak memory while the block runs: CUDA's peak allocation on a GPU; on CPU the process's
-    resident set, sampled every 5 ms (the allocator may keep freed memory, so this is an upper bound)."""
-
-    def __init__(self, device: torch.device):
-        self.device = torch.device(device)
-        self.peak_bytes = 0
-        self._stop = threading.Event()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak_bytes = max(self.peak_bytes, resident_bytes())
-
-    def __enter__(self) -> MemoryMeter:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.peak_bytes = resident_bytes()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak_bytes = max(self.peak_bytes, resident_bytes())
-
-    @property
-    def peak_mib(self) -> float:
-        return self.peak_bytes / 2**20
 
 
 def count_flops(fn) -> int:

@@ -27,7 +27,8 @@ from dina_lrm.data.prepare import PrepareConfig, open_image
 from dina_lrm.data.readers import LabelRules, dataset_units, read_units, unit_files
 from dina_lrm.data.records import PreferenceGroup
 from dina_lrm.distributed import cpu_only
-from dina_lrm.eval.cost import MemoryMeter, scoring_flops
+from dina_lrm.eval.cost import scoring_flops
+from dina_lrm.memory import MemoryMeter
 from dina_lrm.eval.latent_cache import build_latent_cache, decode_latent, load_latent_cache
 from dina_lrm.eval.official import OFFICIAL_METRICS, official_accuracy
 from dina_lrm.eval.protocol import Census, PairIndex, accuracy_summary, calibration
@@ -305,7 +306,8 @@ def evaluate(config: EvalConfig, reward_fns: list | None = None, pipe=None, over
     ``pipe``: an already loaded generator pipeline for ``config.reward``; ``overwrite``: replace an
     earlier report in ``config.out`` (refused otherwise)."""
     from dina_lrm.eval.report import write_outputs
-    from dina_lrm.scorer import DTYPES, Scorer, load_pipeline
+    from dina_lrm.pipelines import DTYPES, load_pipeline
+    from dina_lrm.scorer import Scorer
 
     config.validate()
     if not config.reward and not config.extra_rewards and not reward_fns:

@@ -31,7 +31,8 @@ import dina_lrm
 from dina_lrm.config import from_dict
 from dina_lrm.losses import thurstone_variance
 from dina_lrm.config import LATENT_U
-from dina_lrm.scorer import AUTOCAST, DTYPES, SCORE_OFFSET, SCORE_SCALE, Scorer
+from dina_lrm.pipelines import DTYPES
+from dina_lrm.scorer import AUTOCAST, SCORE_OFFSET, SCORE_SCALE, Scorer
 from dina_lrm.serve.batcher import MicroBatcher, WorkItem
 from dina_lrm.serve.protocol import (
     PROTOCOL_HEADER,

@@ -30,7 +30,8 @@ from dina_lrm.eval.pairwise import bootstrap_interval, pair_wins
 from dina_lrm.models.reward_model import DiNaLRM
 from dina_lrm.models.sd3_text import SD3PromptEncoder
 from dina_lrm.noise import NoiseSampler, SigmaTable
-from dina_lrm.scorer import Scorer, load_pipeline
+from dina_lrm.pipelines import load_pipeline
+from dina_lrm.scorer import Scorer
 from dina_lrm.toyworld.ablations_report import write_ablation_report
 from dina_lrm.toyworld.alignment import in_workers
 from dina_lrm.toyworld.benchmark import write_toy_benchmark

@@ -43,7 +43,7 @@ from dina_lrm.eval.cost import count_flops
 from dina_lrm.eval.pairwise import bootstrap_interval
 from dina_lrm.models.backbones import policy_for
 from dina_lrm.models.sd3_text import SD3PromptEncoder
-from dina_lrm.scorer import load_pipeline
+from dina_lrm.pipelines import load_pipeline
 from dina_lrm.toyworld.alignment_report import write_alignment_report
 from dina_lrm.toyworld.corruptions import corrupt_scene
 from dina_lrm.toyworld.demo import SHIPPED_GENERATOR, DemoConfig, build_preference_data, subset, train_dina, train_pixel

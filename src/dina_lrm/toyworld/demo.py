@@ -33,7 +33,8 @@ from dina_lrm.models.reward_model import DiNaLRM
 from dina_lrm.models.sd3_text import SD3PromptEncoder
 from dina_lrm.noise import NoiseSampler, SigmaTable
 from dina_lrm.outputs import claim_output
-from dina_lrm.scorer import Scorer, load_pipeline
+from dina_lrm.pipelines import load_pipeline
+from dina_lrm.scorer import Scorer
 from dina_lrm.toyworld.benchmark import write_toy_benchmark
 from dina_lrm.toyworld.generator import T5_TOKENS
 from dina_lrm.toyworld.judge import Judge

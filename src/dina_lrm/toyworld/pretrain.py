@@ -29,7 +29,7 @@ from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
 from dina_lrm.models.sd3_text import SD3PromptEncoder
-from dina_lrm.scorer import DTYPES, load_pipeline
+from dina_lrm.pipelines import DTYPES, load_pipeline
 from dina_lrm.toyworld.corruptions import DEFECTS, add_defect
 from dina_lrm.toyworld.generator import (
     T5_TOKENS,

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dina_lrm.models.sd3_text import SD3PromptEncoder
-from dina_lrm.scorer import load_pipeline
+from dina_lrm.pipelines import load_pipeline
 from dina_lrm.toyworld.generator import T5_TOKENS
 from dina_lrm.toyworld.judge import Judge, JudgeResult
 from dina_lrm.toyworld.pixel_reward import PixelReward

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import shutil
 import time
 import warnings
@@ -38,6 +37,7 @@ from dina_lrm.data.loader import pair_loader
 from dina_lrm.distributed import cpu_only
 from dina_lrm.eval.pairwise import pair_win_counts
 from dina_lrm.models.backbones import prompt_encoder_for
+from dina_lrm.memory import MemoryMeter
 from dina_lrm.models.reward_model import DiNaLRM
 from dina_lrm.noise import NoiseSampler, SigmaTable
 from dina_lrm.outputs import claim_output
@@ -106,12 +106,6 @@ def check_resumable(checkpoint: Path, config: DiNaConfig) -> None:
         raise ValueError(f"cannot resume from {checkpoint}: it was trained with another configuration ({'; '.join(changed)})")
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
 class Trainer:
     """Builds the model, data and optimizer from a config; ``train()`` runs (or resumes) the job."""
 
@@ -176,7 +170,7 @@ class Trainer:
 
     def _load_pipeline(self):
         """The generator's transformer and scheduler, and its text encoders unless the shards cache embeddings."""
-        from dina_lrm.scorer import load_pipeline
+        from dina_lrm.pipelines import load_pipeline
 
         skip = ["vae"] + (["text_encoder", "text_encoder_2", "text_encoder_3"] if self.loader.dataset.has_prompt_embeds else [])
         return load_pipeline(self.config.model.backbone_model_id, skip=skip)
@@ -297,6 +291,7 @@ class Trainer:
                    disable=not self.accelerator.is_local_main_process)
         window = torch.zeros(5, device=self.accelerator.device)
         clock = time.perf_counter()
+        self.memory = MemoryMeter(self.accelerator.device).start()
         while self.state.global_step < self.total_steps:
             self.loader.batch_sampler.set_epoch(self.state.epoch, self.state.batch_in_epoch)
             for batch in self.loader:
@@ -330,6 +325,7 @@ class Trainer:
             else:
                 self.state.epoch, self.state.batch_in_epoch = self.state.epoch + 1, 0
         bar.close()
+        self.memory.stop()
         final = self.save_reward_model(self.run_dir / "reward_model")
         if self.accelerator.is_main_process:
             plot_training_curves(self.run_dir / METRICS_NAME, self.run_dir / "training_curves.png")
@@ -346,7 +342,7 @@ class Trainer:
             "train/grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
             "train/lr": self.lr_scheduler.get_last_lr()[0],
             "train/pairs_per_s": pairs / max(seconds, 1e-9),
-            "train/peak_memory_gb": peak_memory_gb(self.accelerator.device),
+            "train/peak_memory_gb": self.memory.peak_so_far_bytes() / 2**30,
         }
         self._record(metrics)
         return metrics
