@@ -136,6 +136,23 @@ def test_version_and_help_do_not_import_torch():
     assert version.stdout.strip() == "dina-lrm 0.1.0"
 
 
+def test_the_public_api_is_importable_from_the_top_level_without_loading_torch_first():
+    import subprocess
+    import sys
+
+    import dina_lrm
+
+    code = "import sys, dina_lrm; print('torch' in sys.modules, len(dina_lrm.__all__))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[0] == "False"
+    for name in dina_lrm.__all__:
+        value = getattr(dina_lrm, name)
+        assert getattr(value, "__name__", name) == name or name.isupper(), name
+    assert {"Scorer", "Searcher", "Aligner", "AlignConfig", "evaluate", "EvalConfig", "ServeConfig", "flow_grpo_reward",
+            "flow_grpo_latent_reward", "NonFiniteScoreError", "load_pipeline", "Trainer"} <= set(dir(dina_lrm))
+    with pytest.raises(AttributeError, match="has no attribute 'Scorr'"):
+        dina_lrm.Scorr
+
+
 def test_serve_takes_verl_omnis_flag_names():
     from dina_lrm.cli import SERVE_FLAGS, build_parser, config_from_args
 
