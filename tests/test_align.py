@@ -163,8 +163,8 @@ def test_resume_continues_exactly(pipeline_dir, reward_dir, prompt_file, tmp_pat
     straight.run()
     first = Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "resumed", max_steps=2))
     first.run()
-    resumed = Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "resumed"))
-    history = resumed.run(resume="latest")
+    resumed = Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "resumed"), resume="latest")
+    history = resumed.run()
     # equal up to float rounding: prompts are embedded in batches of different composition
     for key, value in straight.lora_state().items():
         torch.testing.assert_close(resumed.lora_state()[key], value, rtol=1e-5, atol=1e-6)
@@ -180,13 +180,13 @@ def test_resume_never_unpickles_and_skips_a_damaged_checkpoint(pipeline_dir, rew
     marker = tmp_path / "pwned"
     (checkpoints / "step-0000004" / "optimizer.pt").write_bytes(pickle.dumps(PlantedPayload(str(marker))))
     with pytest.raises(ValueError, match="optimizer.pt is a pickle file"):
-        Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "run")).resume(checkpoints / "step-0000004")
+        Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "run"), resume="latest").resume(checkpoints / "step-0000004")
     (checkpoints / "step-0000004" / "optimizer.pt").unlink()
     lora = checkpoints / "step-0000004" / "lora.safetensors"
     lora.write_bytes(lora.read_bytes()[:100])
     with pytest.raises(ValueError, match="lora.safetensors is damaged"):
-        Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "run")).resume(checkpoints / "step-0000004")
-    resumed = Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "run"))
+        Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "run"), resume="latest").resume(checkpoints / "step-0000004")
+    resumed = Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "run"), resume="latest")
     resumed.resume("latest")
     assert resumed.step == 2 and not marker.exists()
 
@@ -252,7 +252,7 @@ class TestBadConfigs:
         with pytest.raises(FileNotFoundError, match="prompt file"):
             Aligner(make_config(pipeline_dir, reward_dir, Path(tmp_path / "none.txt"), tmp_path))
         with pytest.raises(FileNotFoundError, match="no checkpoint"):
-            Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "fresh")).run(resume="latest")
+            Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "fresh"), resume="latest").run()
 
 
 def test_cli_align_with_yaml_and_overrides(pipeline_dir, reward_dir, prompt_file, tmp_path, capsys):

@@ -144,8 +144,8 @@ def test_nft_resume_equals_an_uninterrupted_run(pipeline_dir, reward_dir, prompt
     straight = Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "straight", **options))
     straight.run()
     Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "resumed", max_steps=2, **options)).run()
-    resumed = Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "resumed", **options))
-    resumed.run(resume="latest")
+    resumed = Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "resumed", **options), resume="latest")
+    resumed.run()
     for key, value in straight.lora_state().items():
         torch.testing.assert_close(resumed.lora_state()[key], value, rtol=1e-5, atol=1e-6)
     for key, value in straight.method.state_dict().items():

@@ -160,8 +160,8 @@ def test_refl_resume_equals_an_uninterrupted_run(pipeline_dir, reward_dir, promp
     straight = Aligner(refl_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "straight", **options))
     straight.run()
     Aligner(refl_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "resumed", max_steps=2, **options)).run()
-    resumed = Aligner(refl_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "resumed", **options))
-    history = resumed.run(resume="latest")
+    resumed = Aligner(refl_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "resumed", **options), resume="latest")
+    history = resumed.run()
     for key, value in straight.lora_state().items():
         torch.testing.assert_close(resumed.lora_state()[key], value, rtol=1e-5, atol=1e-6)
     for average, expected in zip(resumed.ema.shadow, straight.ema.shadow):

@@ -55,6 +55,11 @@ def test_train_refuses_a_used_run_directory_without_resume_or_overwrite(tmp_path
     with pytest.raises(OutputExists, match=r"other settings \(training.learning_rate: 0.002 -> 0.001"):
         train(train_config(tmp_path, pipeline_dir, train_dir, learning_rate=1e-3))
     reset_accelerate()
+    elsewhere = train_config(tmp_path, pipeline_dir, train_dir)
+    elsewhere.model.backbone_model_id = str(tmp_path / "no-such-generator")
+    with pytest.raises(OutputExists, match="backbone_model_id"):  # refused before the (missing) generator would load
+        train(elsewhere)
+    reset_accelerate()
     config = train_config(tmp_path, pipeline_dir, train_dir, learning_rate=1e-3, max_steps=2)
     train(config, overwrite=True)
     assert [row["step"] for row in metrics(config.paths.run_dir) if "train/loss" in row] == [1, 2]
@@ -90,9 +95,13 @@ def test_eval_refuses_images_outside_the_root_and_counts_them_when_allowed(bench
 def test_align_refuses_a_used_folder(pipeline_dir, reward_dir, prompt_file, tmp_path):
     Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "run", max_steps=2)).run()
     with pytest.raises(OutputExists, match="pass --resume latest to continue it, or --overwrite"):
-        Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "run", max_steps=2)).run()
+        Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "run", max_steps=2))
     with pytest.raises(OutputExists, match="learning_rate: 0.003 -> 0.001"):
-        Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "run", max_steps=2, learning_rate=1e-3)).run()
+        Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "run", max_steps=2, learning_rate=1e-3))
+    elsewhere = make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "run", max_steps=2)
+    elsewhere.generator = str(tmp_path / "no-such-generator")
+    with pytest.raises(OutputExists, match="generator"):  # refused before the (missing) generator would load
+        Aligner(elsewhere)
 
 
 @pytest.mark.parametrize("damage", [b"", b"PAR1 truncated"])

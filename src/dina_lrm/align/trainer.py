@@ -56,10 +56,16 @@ ALIGN_OUTPUTS = ["checkpoints", "metrics.jsonl", "lora", "best", "samples", "his
 
 
 class Aligner:
-    def __init__(self, config: AlignConfig, pipe=None):
+    def __init__(self, config: AlignConfig, pipe=None, *, resume: str | Path | None = None, overwrite: bool = False):
+        """``resume``: a checkpoint dir or ``"latest"``. ``config.out`` is claimed before anything loads:
+        a folder that holds another run is refused unless ``overwrite``."""
         config.validate()
-        self.config = config
+        self.config, self.resume_from = config, resume
         self.accelerator = Accelerator(cpu=cpu_only())
+        if self.accelerator.is_main_process:
+            settings = {k: v for k, v in asdict(config).items() if k != "out"}
+            claim_output(Path(config.out), "align", settings, ALIGN_OUTPUTS, overwrite=overwrite, resume=bool(resume))
+        self.accelerator.wait_for_everyone()
         device = self.accelerator.device
         self.pipe = (pipe or load_pipeline(config.generator, DTYPES[config.dtype])).to(device)
         for module in self.pipe.components.values():
@@ -307,16 +313,11 @@ class Aligner:
 
     # The loop ---------------------------------------------------------------------------------
 
-    def run(self, resume: str | Path | None = None, overwrite: bool = False) -> list[dict]:
-        """Train for max_steps (or until the judge stops improving); returns the logged history.
-        An ``out`` folder that holds another run is refused unless ``overwrite``."""
+    def run(self) -> list[dict]:
+        """Train for max_steps (or until the judge stops improving); returns the logged history."""
         config = self.config
-        if self.accelerator.is_main_process:
-            settings = {k: v for k, v in asdict(config).items() if k != "out"}
-            claim_output(self.out, "align", settings, ALIGN_OUTPUTS, overwrite=overwrite, resume=bool(resume))
-        self.accelerator.wait_for_everyone()
-        if resume:
-            self.resume(resume)
+        if self.resume_from:
+            self.resume(self.resume_from)
         if not self.history:
             self.evaluate_test("base")
             self.log_evaluated({"step": 0, "train_seconds": 0.0, "train_cpu_seconds": 0.0, **self.evaluate()})
@@ -390,4 +391,4 @@ def save_sample_grid(vae, latents: torch.Tensor, path: Path, columns: int = 8) -
 
 
 def align(config: AlignConfig, resume: str | Path | None = None, pipe=None, overwrite: bool = False) -> list[dict]:
-    return Aligner(config, pipe=pipe).run(resume, overwrite)
+    return Aligner(config, pipe=pipe, resume=resume, overwrite=overwrite).run()

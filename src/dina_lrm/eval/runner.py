@@ -314,12 +314,12 @@ def evaluate(config: EvalConfig, reward_fns: list | None = None, pipe=None, over
         raise ValueError("nothing to evaluate: pass --reward (DiNa-LRM) and/or --extra-reward")
     state = PartialState(cpu=cpu_only())
     device = torch.device(config.device) if config.device else state.device
-    others = list(reward_fns or []) + [load_extra_reward(spec) for spec in config.extra_rewards]
     out = Path(config.out)
-    if state.is_main_process:
+    if state.is_main_process:  # before any model loads
         settings = {k: v for k, v in asdict(config).items() if k != "out"}
         claim_output(out, "eval", settings, EVAL_OUTPUTS, overwrite=overwrite)
     state.wait_for_everyone()
+    others = list(reward_fns or []) + [load_extra_reward(spec) for spec in config.extra_rewards]
     groups, census = read_benchmark(config, out, state)
     scorer = None
     if config.reward:

@@ -109,8 +109,10 @@ def check_resumable(checkpoint: Path, config: DiNaConfig) -> None:
 class Trainer:
     """Builds the model, data and optimizer from a config; ``train()`` runs (or resumes) the job."""
 
-    def __init__(self, config: DiNaConfig, pipe=None):
-        self.config = config
+    def __init__(self, config: DiNaConfig, pipe=None, *, resume: str | None = None, overwrite: bool = False):
+        """``resume``: a checkpoint dir or ``"latest"``. The run directory is claimed before anything
+        loads: one that holds another run is refused unless ``overwrite``."""
+        self.config, self.resume_from = config, resume
         self.run_dir = config.paths.run_dir
         training = config.training
         self.accelerator = Accelerator(
@@ -125,6 +127,10 @@ class Trainer:
         if inert and self.accelerator.is_main_process:
             warnings.warn("the authors' trainer ignores these keys, and so does this run (as the release was trained): "
                           + "; ".join(inert), stacklevel=2)
+        if self.accelerator.is_main_process:
+            outputs = [*TRAIN_OUTPUTS, config.paths.run_name]  # the trackers' folder
+            claim_output(self.run_dir, "train", config.to_dict(), outputs, overwrite=overwrite, resume=bool(resume))
+        self.accelerator.wait_for_everyone()
         self.loader = self._train_loader()
         self.eval_loaders = {name: self._eval_loader(section) for name, section in config.data.eval.items()}
         pipe = pipe if pipe is not None else self._load_pipeline()
@@ -277,15 +283,10 @@ class Trainer:
             torch.tensor(float(size), device=out.loss.device),
         ])
 
-    def train(self, resume: str | None = None, overwrite: bool = False) -> Path:
-        """Train to ``total_steps`` (resuming from a checkpoint dir or ``"latest"``); returns the final
-        reward model dir. A run directory that holds another run is refused unless ``overwrite``."""
-        if self.accelerator.is_main_process:
-            outputs = [*TRAIN_OUTPUTS, self.config.paths.run_name]  # the trackers' folder
-            claim_output(self.run_dir, "train", self.config.to_dict(), outputs, overwrite=overwrite, resume=bool(resume))
-        self.accelerator.wait_for_everyone()
-        if resume:
-            self.resume(resume)
+    def train(self) -> Path:
+        """Train to ``total_steps`` (from the checkpoint given as ``resume``); returns the final reward model dir."""
+        if self.resume_from:
+            self.resume(self.resume_from)
         self.accelerator.init_trackers(self.config.paths.run_name, config=_tracker_config(self.config))
         bar = tqdm(total=self.total_steps, initial=self.state.global_step, desc="train", unit="step",
                    disable=not self.accelerator.is_local_main_process)
@@ -447,4 +448,4 @@ def _tracker_config(config: DiNaConfig) -> dict:
 
 
 def train(config: DiNaConfig, resume: str | None = None, pipe=None, overwrite: bool = False) -> Path:
-    return Trainer(config, pipe).train(resume, overwrite)
+    return Trainer(config, pipe, resume=resume, overwrite=overwrite).train()
