@@ -220,3 +220,34 @@ def test_two_processes_follow_one_process_with_the_doubled_batch(tmp_path, pipel
         scores.append(raw - raw.mean())
     assert scores[0].std() > 1e-3
     torch.testing.assert_close(scores[1], scores[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_resumed_at_half_way_ends_where_the_uninterrupted_run_ends(tmp_path, pipeline_dir):
+    """FSDP (full shard) over gloo on CPU; torch refuses sync_module_states there, so it is off (every
+    process builds the same weights from the same pipeline anyway)."""
+    train_dir = separable_pairs(tmp_path / "train", 48)
+    fsdp = ["--use_fsdp", "--fsdp_version", "1", "--fsdp_sharding_strategy", "FULL_SHARD", "--fsdp_auto_wrap_policy", "NO_WRAP",
+            "--fsdp_state_dict_type", "FULL_STATE_DICT", "--fsdp_sync_module_states", "false", "--fsdp_cpu_ram_efficient_loading", "false"]
+
+    def launch(name, max_steps, *extra):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw_config(tmp_path, pipeline_dir, train_dir, training={"max_steps": max_steps},
+                                                  paths={"run_name": name}, logging={"save_frac": 4})))
+        command = [sys.executable, "-m", "accelerate.commands.launch", *fsdp, "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dina_lrm", "train", "--config", str(path), *extra]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return tmp_path / "runs" / name
+
+    whole = launch("whole", 8)
+    launch("resumed", 4)
+    resumed = launch("resumed", 8, "--resume", "latest")
+    end_whole = load_file(str(whole / "checkpoints" / "step-0000008" / TRAINABLE_NAME))
+    end_resumed = load_file(str(resumed / "checkpoints" / "step-0000008" / TRAINABLE_NAME))
+    assert end_whole.keys() == end_resumed.keys() and len(end_whole) > 100
+    for name, value in end_whole.items():
+        torch.testing.assert_close(end_resumed[name], value, rtol=0, atol=0)
+    losses = [[r["train/loss"] for r in metrics(run) if "train/loss" in r] for run in (whole, resumed)]
+    assert len(losses[0]) == 8 and losses[1] == losses[0] and losses[0][-1] < 0.5 * losses[0][0]
