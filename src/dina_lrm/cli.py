@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import logging
@@ -15,15 +14,11 @@ from dina_lrm.config import DTYPE_NAMES, IMAGE_U, LATENT_U
 
 
 def read_pairs(path: Path, images_root: Path | None = None) -> list[tuple[str, str]]:
-    """(prompt, image path) rows from a CSV (header ``prompt,image``) or JSONL file; relative image
+    """(prompt, image path) rows from a CSV (header ``prompt,image``), JSONL or JSON file; relative image
     paths are resolved against ``images_root``, by default the file's own folder."""
-    if not path.is_file():
-        raise FileNotFoundError(f"pairs file not found: {path}")
-    if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    else:
-        with path.open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
+    from dina_lrm.data.rows import read_rows
+
+    rows = read_rows(path, "pairs file")
     pairs = []
     for number, row in enumerate(rows, start=1):
         if not row.get("prompt") or not row.get("image"):

@@ -23,7 +23,6 @@ crash. Layouts (see ``docs/data.md``):
 
 from __future__ import annotations
 
-import csv
 import functools
 import glob
 import json
@@ -35,6 +34,7 @@ from pathlib import Path
 
 from dina_lrm.data.parquet import parquet_file, read_row_group
 from dina_lrm.data.records import PreferenceGroup, ReadReport
+from dina_lrm.data.rows import read_rows
 
 DEFAULT_GROUPS_PER_UNIT = 512
 
@@ -327,36 +327,12 @@ def generic_group(row: dict, index: int, root: Path) -> PreferenceGroup:
     return _ranked_group(group_id, prompt, images, ranks, root, "generic")
 
 
-def _read_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"dataset file not found: {path}")
-    if path.suffix == ".csv":
-        with path.open(newline="") as handle:
-            return list(csv.DictReader(handle))
-    if path.suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}, line {number}: not JSON ({err})") from err
-        return rows
-    try:
-        rows = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(rows, list):
-        raise ValueError(f"{path} must hold a JSON list of rows")
-    return rows
-
-
 def _row_units(to_group: Callable[..., PreferenceGroup], takes_rules: bool = False):
     def units(path: Path, images_root: Path | None = None, groups_per_unit: int = DEFAULT_GROUPS_PER_UNIT,
               split: str | None = None, rules: LabelRules = LabelRules()) -> list[WorkUnit]:
         if split is not None:
             raise ValueError(f"--split picks one split of a parquet dataset folder (pickapic, genai_bench); {path} is one file already")
-        rows = _read_rows(path)
+        rows = read_rows(path, "dataset file")
         convert = functools.partial(to_group, root=Path(images_root) if images_root is not None else path.parent,
                                     **({"rules": rules} if takes_rules else {}))
         return [
