@@ -119,11 +119,44 @@ def test_noise_levels_are_one_comma_separated_value(tmp_path):
     assert args.noise_levels == [0.2, 0.5] and args.images == ["a.png"]
 
 
-def test_zero_valued_flags_are_kept():
-    from dina_lrm.cli import SERVE_FLAGS, build_parser, config_from_args
+def test_zero_valued_flags_are_kept_and_flags_override_the_config_file_then_set_overrides_both(tmp_path):
+    from dina_lrm.cli import build_parser
+    from dina_lrm.config import load_settings
+    from dina_lrm.serve.config import ServeConfig
 
-    args = build_parser().parse_args(["serve", "--port", "0", "--max-wait-ms", "0", "--default-u", "0"])
-    assert {k: v for k, v in config_from_args(args, SERVE_FLAGS).items()} == {"port": 0, "max_wait_ms": 0.0, "default_u": 0.0}
+    (tmp_path / "serve.yaml").write_text("reward: r\nmodel: m\nport: 9000\nmax_batch_size: 4\nmax_prompts: 7\n")
+    args = build_parser().parse_args(["serve", "--config", str(tmp_path / "serve.yaml"), "--port", "0", "--max-wait-ms", "0",
+                                      "--default-u", "0", "--max-batch-size", "2", "--set", "max_batch_size=3"])
+    config = load_settings(ServeConfig, args.config, vars(args), args.set)
+    assert (config.port, config.max_wait_ms, config.default_u) == (0, 0.0, 0.0)
+    assert (config.reward, config.max_prompts, config.max_batch_size) == ("r", 7, 3)
+
+
+def test_every_setting_is_declared_once_and_the_cli_is_generated_from_it():
+    """Each field of the eval, serve and prepare configs has exactly one flag, whose help states the
+    field's own default: there is no second place where a default could drift."""
+    import argparse
+    import dataclasses
+
+    from dina_lrm.cli import build_parser
+    from dina_lrm.data.config import PrepareConfig
+    from dina_lrm.eval.config import EvalConfig
+    from dina_lrm.serve.config import ServeConfig
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for command, cls in (("eval", EvalConfig), ("serve", ServeConfig), ("prepare", PrepareConfig)):
+        actions = {a.dest: a for a in commands[command]._actions}
+        for item in dataclasses.fields(cls):
+            action = actions[item.name]
+            assert action.default is None and item.metadata["help"] in action.help, (command, item.name)
+            default = item.default_factory() if item.default is dataclasses.MISSING else item.default
+            if isinstance(default, (int, float)) and not isinstance(default, bool) and "default" not in item.metadata["help"]:
+                assert f"(default: {default})" in action.help, (command, item.name, action.help)
+    eval_args = build_parser().parse_args(["eval", "--levels", "0.2,0.6", "0.3,0.5", "--extra-reward", "a:b", "--extra-reward", "c:d",
+                                           "--resamples", "10", "--u", "0.3"])
+    assert (eval_args.level_sets, eval_args.extra_rewards, eval_args.bootstrap_resamples, eval_args.u_values) == (
+        [[0.2, 0.6], [0.3, 0.5]], ["a:b", "c:d"], 10, [0.3])
+    assert build_parser().parse_args(["prepare", "--hard-labels"]).soft_labels is False
 
 
 def test_version_and_help_do_not_import_torch():
@@ -154,10 +187,13 @@ def test_the_public_api_is_importable_from_the_top_level_without_loading_torch_f
 
 
 def test_serve_takes_verl_omnis_flag_names():
-    from dina_lrm.cli import SERVE_FLAGS, build_parser, config_from_args
+    from dina_lrm.cli import build_parser
+    from dina_lrm.config import load_settings
+    from dina_lrm.serve.config import ServeConfig
 
     args = build_parser().parse_args(["serve", "--model-path", "rm_dir", "--base-model-path", "sd35"])
-    assert config_from_args(args, SERVE_FLAGS) == {"reward": "rm_dir", "model": "sd35"}
+    config = load_settings(ServeConfig, None, vars(args))
+    assert (config.reward, config.model) == ("rm_dir", "sd35")
 
 
 def test_the_core_install_scores_and_serves_without_the_extras(reward_dir, pipeline_dir):

@@ -32,16 +32,16 @@ _EXPORTS = {
     "normalize_score": "dina_lrm.scorer",
     "load_pipeline": "dina_lrm.pipelines",
     # data and training
-    "PrepareConfig": "dina_lrm.data.prepare",
+    "PrepareConfig": "dina_lrm.data.config",
     "prepare": "dina_lrm.data.prepare",
     "Trainer": "dina_lrm.train.trainer",
     # evaluation
-    "EvalConfig": "dina_lrm.eval.runner",
+    "EvalConfig": "dina_lrm.eval.config",
     "evaluate": "dina_lrm.eval.runner",
     "RewardFn": "dina_lrm.eval.reward_fn",
     "ImageRewardFn": "dina_lrm.eval.reward_fn",
     # serving
-    "ServeConfig": "dina_lrm.serve.server",
+    "ServeConfig": "dina_lrm.serve.config",
     "RewardClient": "dina_lrm.serve.client",
     # alignment, search and the rewards other trainers call
     "AlignConfig": "dina_lrm.align.config",

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
 
 import dina_lrm
-from dina_lrm.config import DTYPE_NAMES, IMAGE_U, LATENT_U
+from dina_lrm.config import DTYPE_NAMES, IMAGE_U, add_config_arguments, load_settings, parse_levels
+from dina_lrm.data.config import PrepareConfig
+from dina_lrm.eval.config import EvalConfig
+from dina_lrm.serve.config import ServeConfig
 
 
 def read_pairs(path: Path, images_root: Path | None = None) -> list[tuple[str, str]]:
@@ -94,12 +96,10 @@ def format_table(rows: list[dict]) -> str:
 
 
 def run_prepare(args) -> int:
-    from dina_lrm.data.prepare import PrepareConfig, prepare
+    from dina_lrm.data.prepare import prepare
     from dina_lrm.data.shards import read_index
 
-    fields = {f.name for f in dataclasses.fields(PrepareConfig)}
-    config = PrepareConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
-    index_path = prepare(config, overwrite=args.overwrite)
+    index_path = prepare(load_settings(PrepareConfig, args.config, vars(args), args.set), overwrite=args.overwrite)
     if index_path is not None:
         from dina_lrm.data.records import ReadReport
 
@@ -122,58 +122,19 @@ def run_train(args) -> int:
     return 0
 
 
-EVAL_FLAGS = {
-    "format": "format", "input": "input", "split": "split", "out": "out", "reward": "reward", "model": "model", "images_root": "images_root",
-    "latent_cache": "latent_cache", "u": "u_values", "draws": "draws", "levels": "level_sets", "extra_reward": "extra_rewards",
-    "batch_size": "batch_size", "seed": "seed", "resamples": "bootstrap_resamples", "skip_missing": "skip_missing",
-    "allow_outside_root": "allow_outside_root", "min_confidence": "min_confidence", "min_vote_share": "min_vote_share",
-    "protocol": "protocol", "tie_threshold": "tie_threshold",
-    "device": "device", "dtype": "dtype", "max_sequence_length": "max_sequence_length", "reference_size": "reference_size",
-}
-
-
-def parse_levels(text: str) -> list[float]:
-    try:
-        return [float(u) for u in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"takes comma-separated noise levels like 0.2,0.4,0.6, got {text!r}") from None
-
-
-def config_from_args(args, flags: dict[str, str]) -> dict:
-    """The ``--config`` YAML file's keys, overridden by the flags given (``flags``: flag -> key)."""
-    import yaml
-
-    raw = {}
-    if args.config:
-        if not Path(args.config).is_file():
-            raise FileNotFoundError(f"{args.command} config not found: {args.config}")
-        raw = yaml.safe_load(Path(args.config).read_text()) or {}
-    given = {flag: getattr(args, flag) for flag in flags}
-    raw.update({key: given[flag] for flag, key in flags.items() if given[flag] is not None and given[flag] is not False})
-    return raw
-
-
 def run_eval(args) -> int:
-    from dina_lrm.eval.runner import EvalConfig, evaluate
+    from dina_lrm.eval.runner import evaluate
 
-    raw = config_from_args(args, EVAL_FLAGS)
-    summary = evaluate(EvalConfig.from_dict(raw), overwrite=args.overwrite)
-    if summary is not None:
-        print((Path(raw.get("out", EvalConfig.out)) / "report.md").read_text())
+    config = load_settings(EvalConfig, args.config, vars(args), args.set)
+    if evaluate(config, overwrite=args.overwrite) is not None:
+        print((Path(config.out) / "report.md").read_text())
     return 0
 
 
-SERVE_FLAGS = {name: name for name in (
-    "reward", "model", "host", "port", "device", "dtype", "autocast", "compile", "max_batch_size", "max_wait_ms", "max_request_mb", "default_u",
-    "max_sequence_length", "max_prompts", "max_prompt_chars", "idle_timeout_s", "header_timeout_s", "body_timeout_s",
-    "max_connections", "backlog", "api_key",
-)}
-
-
 def run_serve(args) -> int:
-    from dina_lrm.serve.server import ServeConfig, serve
+    from dina_lrm.serve.server import serve
 
-    serve(ServeConfig.from_dict(config_from_args(args, SERVE_FLAGS)))
+    serve(load_settings(ServeConfig, args.config, vars(args), args.set))
     return 0
 
 
@@ -182,13 +143,12 @@ def run_align(args) -> int:
 
     from dina_lrm.align.config import AlignConfig
     from dina_lrm.align.trainer import align
-    from dina_lrm.config import apply_overrides
 
-    raw = config_from_args(args, {"out": "out", "max_steps": "max_steps"})
-    history = align(AlignConfig.from_dict(apply_overrides(raw, args.set)), resume=args.resume, overwrite=args.overwrite)
+    config = load_settings(AlignConfig, args.config, {"out": args.out, "max_steps": args.max_steps}, args.set)
+    history = align(config, resume=args.resume, overwrite=args.overwrite)
     if PartialState().is_main_process:
         first, last = history[0], history[-1]
-        out = Path(raw.get("out", "align_out"))
+        out = Path(config.out)
         judged = ""
         if "eval_judge" in last:
             best = json.loads((out / "summary.json").read_text())["best"]
@@ -291,13 +251,6 @@ def run_pretrain(args) -> int:
     return 0
 
 
-def add_row_filters(parser: argparse.ArgumentParser) -> None:
-    """HPDv3's row filters, the same for prepare and eval."""
-    parser.add_argument("--min-confidence", type=float, help="HPDv3: keep rows with confidence >= this (HPSv3's 7B config: 0.95)")
-    parser.add_argument("--min-vote-share", type=float, help="HPDv3: keep rows whose chosen image's vote share is above this "
-                        "(the authors' data tool: 0.6)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dina-lrm", description="Diffusion-native latent reward models.")
     parser.add_argument("--version", action="version", version=f"dina-lrm {dina_lrm.__version__}")
@@ -325,23 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.set_defaults(func=run_score)
 
     prepare = commands.add_parser("prepare", help="encode a preference dataset into latent shards for training")
-    prepare.add_argument("--format", required=True, help="pickapic, hpdv3, imagereward or generic")
-    prepare.add_argument("--input", required=True, help="dataset file or directory (see docs/data.md)")
-    prepare.add_argument("--out", required=True, help="shard directory to write (rerun with the same settings to resume)")
+    prepare.add_argument("--config", help="YAML with PrepareConfig keys; flags override it")
     prepare.add_argument("--overwrite", action="store_true", help="replace the shards of an earlier prepare with other settings in --out")
-    prepare.add_argument("--model", required=True, help="generator pipeline whose VAE encodes the images")
-    prepare.add_argument("--images-root", help="where relative image paths start (default: the dataset file's folder)")
-    prepare.add_argument("--split", help="one split of a parquet dataset folder, e.g. train or validation_unique (Pick-a-Pic)")
-    prepare.add_argument("--hard-labels", dest="soft_labels", action="store_false", default=None,
-                         help="HPDv3: target 1 for path1 instead of HPSv3's soft label from choice_dist")
-    add_row_filters(prepare)
-    prepare.add_argument("--reference-size", type=int, help="bucket area = SIZE^2 pixels (default: the generator's native size)")
-    prepare.add_argument("--bucket-step", type=int, help="bucket side step in pixels (default: 4 x VAE factor x patch size)")
-    prepare.add_argument("--batch-size", type=int, help="images per VAE call (default 16)")
-    prepare.add_argument("--groups-per-shard", type=int, help="prompt groups per shard: the unit of resume and of the rank split (default 512)")
-    prepare.add_argument("--cache-prompt-embeds", action="store_true", help="store text embeddings so training skips the text encoders")
-    prepare.add_argument("--max-sequence-length", type=int, help="T5 tokens when caching embeddings (default 128)")
-    prepare.add_argument("--dtype", choices=DTYPE_NAMES, help="VAE precision (default float32)")
+    prepare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. batch_size=8")
+    add_config_arguments(prepare, PrepareConfig)
     prepare.set_defaults(func=run_prepare)
 
     train = commands.add_parser("train", help="train DiNa-LRM on prepared shards (run under `accelerate launch` for several GPUs)")
@@ -355,35 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(run under `accelerate launch` for several GPUs)")
     evaluate.add_argument("--config", help="YAML with EvalConfig keys; flags override it")
     evaluate.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
-    evaluate.add_argument("--format", help="hpdv2, imagereward, hpdv3, genai_bench, pickapic or generic (see docs/eval.md)")
-    evaluate.add_argument("--input", help="the benchmark's annotation file or parquet directory")
-    evaluate.add_argument("--split", help="one split of a parquet dataset folder: test_unique (Pick-a-Pic, what PickScore reports), test_v1 (GenAI-Bench v1)")
-    evaluate.add_argument("--images-root", help="where relative image paths start (default: the annotation file's folder)")
-    evaluate.add_argument("--protocol", choices=("both", "ours", "official"),
-                          help="accuracy columns: ours (one rule for every benchmark), official (the benchmark's own "
-                               "metric: HPSv2 inversion, ImageReward, PickScore, GenAI-Bench 4-way) or both (default)")
-    evaluate.add_argument("--tie-threshold", type=float, help="official Pick-a-Pic / GenAI-Bench metric: predict a tie when "
-                          "|P(a) - P(b)| <= this (PickScore picks it on validation_unique; default 0)")
-    add_row_filters(evaluate)
-    evaluate.add_argument("--out", help="report directory (default eval_out)")
-    evaluate.add_argument("--reward", help="DiNa-LRM reward model directory")
-    evaluate.add_argument("--model", help="the reward model's generator pipeline: local directory or hub id")
-    evaluate.add_argument("--extra-reward", action="append", metavar="MODULE:ATTR",
-                          help="another reward model for the table: a RewardFn (or a factory of one) in a module or .py file")
-    evaluate.add_argument("--latent-cache", help="where encoded latents are kept between runs (default OUT/latents)")
-    evaluate.add_argument("--u", type=float, nargs="+", help="noise levels scored one by one (default 0.1 ... 0.8)")
-    evaluate.add_argument("--draws", type=int, nargs="+", help="noise-draw ensembles at the best u (default 2 4 8)")
-    evaluate.add_argument("--levels", type=parse_levels, nargs="+", metavar="U1,U2,...",
-                          help="multi-level ensembles (default 0.2,0.6 0.2,0.4,0.6 0.2,0.4,0.6,0.8)")
-    evaluate.add_argument("--batch-size", type=int, help="images per scoring call (default 32)")
-    evaluate.add_argument("--seed", type=int, help="noise and bootstrap seed (default 0)")
-    evaluate.add_argument("--resamples", type=int, help="bootstrap resamples (default 1000)")
-    evaluate.add_argument("--skip-missing", action="store_true", help="evaluate without missing or unreadable images")
-    evaluate.add_argument("--allow-outside-root", action="store_true", help="read image paths that lead outside the images root (absolute, ../)")
-    evaluate.add_argument("--device", help="default: this process's accelerator")
-    evaluate.add_argument("--dtype", choices=DTYPE_NAMES)
-    evaluate.add_argument("--max-sequence-length", type=int, help="T5 tokens, as the reward model was trained (default 128)")
-    evaluate.add_argument("--reference-size", type=int, help="encode at buckets of about SIZE^2 pixels (default: the generator's)")
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. batch_size=16")
+    add_config_arguments(evaluate, EvalConfig)
     evaluate.set_defaults(func=run_eval)
 
     sample = commands.add_parser("sample", help="reward-guided sampling: start N candidates, prune them on their noisy latents "
@@ -409,30 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="HTTP reward server for latents, micro-batched (see docs/serving.md)")
     serve.add_argument("--config", help="YAML with ServeConfig keys; flags override it")
-    serve.add_argument("--reward", "--model-path", dest="reward",
-                       help="reward model directory (config.json + checkpoint/); --model-path is verl-omni's name for it")
-    serve.add_argument("--model", "--base-model-path", dest="model",
-                       help="generator pipeline: local directory or hub id; --base-model-path is verl-omni's name for it")
-    serve.add_argument("--host", help="address to bind (default 127.0.0.1; another address without --api-key warns)")
-    serve.add_argument("--port", type=int, help="default 8000; 0 picks a free port (printed at start)")
-    serve.add_argument("--device", help="default cpu")
-    serve.add_argument("--dtype", choices=DTYPE_NAMES, help="default float32")
-    serve.add_argument("--autocast", choices=["bf16", "fp16"], help="run the backbone in half precision, the head in --dtype")
-    serve.add_argument("--compile", action="store_true", default=None, help="torch.compile the kept blocks")
-    serve.add_argument("--max-batch-size", type=int, help="items per backbone pass (default 8)")
-    serve.add_argument("--max-wait-ms", type=float, help="how long a request may wait for others to batch with (default 10)")
-    serve.add_argument("--max-request-mb", type=float, help="larger request bodies get HTTP 413 (default 64)")
-    serve.add_argument("--default-u", type=float, help=f"noise level when a request gives none (default {LATENT_U})")
-    serve.add_argument("--max-sequence-length", type=int, help="T5 tokens when the server encodes prompts (default: the model's own)")
-    serve.add_argument("--max-prompts", type=int, help="prompts per request; more get HTTP 413 (default 256)")
-    serve.add_argument("--max-prompt-chars", type=int, help="characters per prompt; longer get HTTP 413 (default 2000)")
-    serve.add_argument("--idle-timeout-s", type=float, help="close a connection that sends no request for this long (default 30)")
-    serve.add_argument("--header-timeout-s", type=float, help="request line and headers must arrive within this (default 10)")
-    serve.add_argument("--body-timeout-s", type=float, help="the body must arrive within this, else HTTP 408 (default 60)")
-    serve.add_argument("--max-connections", type=int, help="open connections; more get HTTP 503 (default 256)")
-    serve.add_argument("--backlog", type=int, help="listen queue length (default 128)")
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /healthz "
-                       "(default: $DINA_LRM_API_KEY; none: no authentication)")
+    serve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. max_batch_size=16")
+    add_config_arguments(serve, ServeConfig)
     serve.set_defaults(func=run_serve)
 
     aligner = commands.add_parser("align", help="align a generator's LoRA with a reward: Flow-GRPO, ReFL or DRaFT-K "

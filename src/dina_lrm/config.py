@@ -7,6 +7,7 @@ release's training YAML keys, so its ``config.json`` loads unchanged.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import importlib
@@ -14,6 +15,7 @@ import importlib.util
 import json
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -382,3 +384,85 @@ def import_object(spec: str, what: str = "target"):
     if not hasattr(module, attr):
         raise ValueError(f"{what} {spec!r}: {target} has no attribute {attr!r}")
     return getattr(module, attr)
+
+
+# Settings declared once: a config field carries its help text and CLI flags, and the CLI is generated
+# from the dataclass (add_config_arguments), read back through one path (load_settings).
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Callable[[], Any] | None = None,
+            flags: tuple[str, ...] = (), choices: tuple | None = None, parse: Callable[[str], Any] | None = None,
+            metavar: str | None = None, append: bool = False):
+    """A config field with its help text and, optionally, how the CLI sets it: ``flags`` (default
+    ``--field-name``), ``choices``, ``parse`` (a string -> value for each item), ``append`` (the flag is
+    repeated once per list item instead of taking several values)."""
+    metadata = {"help": help, "flags": flags, "choices": choices, "parse": parse, "metavar": metavar, "append": append}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def parse_levels(text: str) -> list[float]:
+    """``"0.2,0.4,0.6"`` -> ``[0.2, 0.4, 0.6]``."""
+    try:
+        return [float(u) for u in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes comma-separated noise levels like 0.2,0.4,0.6, got {text!r}") from None
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field of ``cls`` declared with :func:`setting`; its help and default come from the
+    field. Flags default to None, so only the flags given override a ``--config`` file."""
+    hints = typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        if "help" not in item.metadata:
+            continue
+        meta, hint = item.metadata, _without_none(hints[item.name])
+        default = item.default_factory() if item.default is dataclasses.MISSING else item.default
+        shown = "" if "default" in meta["help"] else f" (default: {_shown(default)})"
+        options = {"dest": item.name, "default": None, "help": meta["help"] + shown}
+        if hint is bool:  # a flag that turns the default over
+            options["action"] = "store_false" if default else "store_true"
+        else:
+            element = typing.get_args(hint)[0] if typing.get_origin(hint) is list else None
+            options["type"] = meta["parse"] or (element if element is not None else hint)
+            if element is not None:
+                options.update(action="append") if meta["append"] else options.update(nargs="+")
+            if meta["choices"] is not None:
+                options["choices"] = meta["choices"]
+            if meta["metavar"] is not None:
+                options["metavar"] = meta["metavar"]
+        flags = meta["flags"] or (f"--{item.name.replace('_', '-')}",)
+        if hint is not bool:
+            options.setdefault("metavar", flags[0].lstrip("-").replace("-", "_").upper())
+        parser.add_argument(*flags, **options)
+
+
+def load_settings(cls: type, config_path: str | None = None, flags: dict | None = None, overrides: list[str] = ()):
+    """``cls`` from a YAML file, overridden by the flags given (``flags``: parsed values by field name,
+    None for a flag not given) and then by ``section.key=value`` overrides, validated: the one path
+    every command's settings take."""
+    raw = {}
+    if config_path:
+        if not Path(config_path).is_file():
+            raise FileNotFoundError(f"config file not found: {config_path}")
+        raw = yaml.safe_load(Path(config_path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{config_path} must hold a mapping of config keys")
+    names = {item.name for item in dataclasses.fields(cls)}
+    raw.update({name: value for name, value in (flags or {}).items() if name in names and value is not None})
+    config = from_dict(cls, apply_overrides(raw, list(overrides)))
+    config.validate()
+    return config
+
+
+def _without_none(hint):
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        rest = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        return rest[0] if len(rest) == 1 else hint
+    return hint
+
+
+def _shown(value) -> str:
+    if isinstance(value, list):
+        return " ".join(",".join(f"{u:g}" for u in v) if isinstance(v, list) else str(v) for v in value) or "none"
+    return "none" if value in (None, "") else str(value)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from dina_lrm.data.buckets import aspect_ratio_buckets, nearest_bucket, resize_to_bucket
 from dina_lrm.data.images import vae_encode, vae_scale_factor
-from dina_lrm.data.readers import DEFAULT_GROUPS_PER_UNIT, InvalidRow, LabelRules, WorkUnit, dataset_units
+from dina_lrm.data.config import PrepareConfig
+from dina_lrm.data.readers import InvalidRow, LabelRules, WorkUnit, dataset_units
 from dina_lrm.data.records import ImageSource, PreferenceGroup, ReadReport
 from dina_lrm.data.shards import PairRecord, shard_metadata, write_index, write_shard
 from dina_lrm.distributed import cpu_only
@@ -34,26 +35,6 @@ from dina_lrm.models.backbones import latent_patch_size, prompt_encoder_for
 from dina_lrm.outputs import claim_output
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PrepareConfig:
-    format: str
-    input: str
-    out: str
-    model: str  # generator pipeline: local directory or hub id (its VAE, and text encoders when caching)
-    images_root: str | None = None  # where relative image paths start (default: the dataset file's folder)
-    split: str | None = None  # one split of a parquet dataset folder (Pick-a-Pic: train, validation_unique, ...)
-    soft_labels: bool = True  # HPDv3: HPSv3's soft label from choice_dist as the target (else 1)
-    min_confidence: float | None = None  # HPDv3: keep rows with confidence >= this (HPSv3 7B: 0.95)
-    min_vote_share: float | None = None  # HPDv3: keep rows whose chosen vote share is above this (the authors' tool: 0.6)
-    reference_size: int | None = None  # bucket area = reference_size**2 (default: the backbone's native size)
-    bucket_step: int | None = None
-    batch_size: int = 16  # images per VAE call
-    groups_per_shard: int = DEFAULT_GROUPS_PER_UNIT
-    cache_prompt_embeds: bool = False
-    max_sequence_length: int = 128
-    dtype: str = "float32"
 
 
 def open_image(source: ImageSource) -> Image.Image:
@@ -188,6 +169,7 @@ def prepare(config: PrepareConfig, pipe=None, overwrite: bool = False) -> Path |
     settings is refused unless ``overwrite`` (which removes its shards first)."""
     from dina_lrm.pipelines import DTYPES, load_pipeline
 
+    config.validate()
     state = PartialState(cpu=cpu_only())
     out = Path(config.out)
     if state.is_main_process:

@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dina_lrm.data.parquet import parquet_file, read_row_group
+from dina_lrm.data.config import DEFAULT_GROUPS_PER_UNIT
 from dina_lrm.data.records import PreferenceGroup, ReadReport
 from dina_lrm.data.rows import read_rows
 
-DEFAULT_GROUPS_PER_UNIT = 512
 
 
 class InvalidRow(ValueError):

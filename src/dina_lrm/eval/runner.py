@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +22,13 @@ from accelerate.utils import gather_object
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from dina_lrm.config import from_dict, import_object
-from dina_lrm.data.prepare import PrepareConfig, open_image
+from dina_lrm.config import import_object
+from dina_lrm.data.config import PrepareConfig
+from dina_lrm.data.prepare import open_image
 from dina_lrm.data.readers import LabelRules, dataset_units, read_units, unit_files
 from dina_lrm.data.records import PreferenceGroup
 from dina_lrm.distributed import cpu_only
+from dina_lrm.eval.config import EvalConfig
 from dina_lrm.eval.cost import scoring_flops
 from dina_lrm.memory import MemoryMeter
 from dina_lrm.eval.latent_cache import build_latent_cache, decode_latent, load_latent_cache
@@ -36,66 +38,12 @@ from dina_lrm.eval.reward_fn import DiNaRewardFn, RewardFn, Setting
 from dina_lrm.outputs import claim_output
 
 
-PROTOCOLS = ("both", "ours", "official")
 TIE_COUNTING_FORMATS = ("pickapic", "genai_bench")  # their own metrics score human ties too
 DOCUMENTED_ROOTS = {  # where each release keeps the images its annotation file names (docs/eval.md)
     "hpdv2": "the release's test/ folder (--images-root HPDv2/test)",
     "imagereward": "the test_images/ folder of ImageReward's data (--images-root ImageReward/data/test_images)",
     "hpdv3": "the release's root, which holds images/ (--images-root HPDv3)",
 }
-
-
-@dataclass
-class EvalConfig:
-    format: str = ""  # a reader of data/readers.py: hpdv2, imagereward, hpdv3, genai_bench, pickapic, generic
-    input: str = ""
-    split: str | None = None  # one split of a parquet dataset folder (e.g. Pick-a-Pic's test_unique)
-    min_confidence: float | None = None  # HPDv3: keep rows with confidence >= this (as prepare)
-    min_vote_share: float | None = None  # HPDv3: keep rows whose chosen vote share is above this (as prepare)
-    protocol: str = "both"  # ours, official (the benchmark's own metric, eval/official.py) or both
-    tie_threshold: float = 0.0  # official Pick-a-Pic / GenAI-Bench: predict a tie when |P(a) - P(b)| <= this
-    out: str = "eval_out"
-    reward: str | None = None  # DiNa-LRM reward model directory
-    model: str | None = None  # its generator pipeline (local directory or hub id)
-    images_root: str | None = None
-    latent_cache: str | None = None  # default: OUT/latents
-    u_values: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
-    draws: list[int] = field(default_factory=lambda: [2, 4, 8])  # noise-draw ensembles at the best u
-    level_sets: list[list[float]] = field(default_factory=lambda: [[0.2, 0.6], [0.2, 0.4, 0.6], [0.2, 0.4, 0.6, 0.8]])
-    extra_rewards: list[str] = field(default_factory=list)  # "module:attr" or "file.py:attr" -> a RewardFn
-    batch_size: int = 32  # images per scoring call (whole prompt groups)
-    seed: int = 0
-    bootstrap_resamples: int = 1000
-    calibration_bins: int = 5
-    skip_missing: bool = False
-    allow_outside_root: bool = False  # read image paths that lead outside the images root (absolute, ../)
-    device: str | None = None  # default: this process's accelerator (or cpu)
-    dtype: str = "float32"
-    max_sequence_length: int | None = None  # T5 tokens (default: the number the reward model was trained with)
-    reference_size: int | None = None  # bucket area for encoding (default: the generator's native size)
-    groups_per_shard: int = 256
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> EvalConfig:
-        return from_dict(cls, raw)
-
-    def validate(self) -> None:
-        if not self.format or not self.input:
-            raise ValueError("eval needs a benchmark: format and input")
-        if self.reward and not self.model:
-            raise ValueError("a DiNa-LRM reward model needs its generator pipeline: pass --model")
-        if self.batch_size < 1 or self.bootstrap_resamples < 1:
-            raise ValueError("batch_size and bootstrap_resamples must be >= 1")
-        for u in self.u_values:
-            Setting((u,))
-        for levels in self.level_sets:
-            Setting(tuple(levels))
-        if any(d < 2 for d in self.draws):
-            raise ValueError(f"draw ensembles need >= 2 draws, got {self.draws}")
-        if self.protocol not in PROTOCOLS:
-            raise ValueError(f"unknown protocol {self.protocol!r}; choose one of {PROTOCOLS}")
-        if not 0 <= self.tie_threshold <= 1:
-            raise ValueError(f"tie_threshold must lie in [0, 1], got {self.tie_threshold}")
 
 
 # Benchmark input ------------------------------------------------------------------------------

@@ -13,14 +13,13 @@ import hmac
 import ipaddress
 import json
 import math
-import os
 import select
 import socket
 import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -28,74 +27,20 @@ from pathlib import Path
 import torch
 
 import dina_lrm
-from dina_lrm.config import from_dict
 from dina_lrm.losses import thurstone_variance
-from dina_lrm.config import LATENT_U
 from dina_lrm.pipelines import DTYPES
-from dina_lrm.scorer import AUTOCAST, SCORE_OFFSET, SCORE_SCALE, Scorer
+from dina_lrm.scorer import SCORE_OFFSET, SCORE_SCALE, Scorer
 from dina_lrm.serve.batcher import MicroBatcher, WorkItem
+from dina_lrm.serve.config import API_KEY_ENV, ServeConfig
 from dina_lrm.serve.protocol import (
     PROTOCOL_HEADER,
     PROTOCOL_VERSION,
     BadRequest,
-    PromptLimits,
     ScoreRequest,
     header_size,
     parse_request,
     score_response,
 )
-
-API_KEY_ENV = "DINA_LRM_API_KEY"
-
-
-@dataclass
-class ServeConfig:
-    reward: str = ""  # DiNa-LRM reward model directory
-    model: str = ""  # its generator pipeline: local directory or hub id
-    host: str = "127.0.0.1"
-    port: int = 8000
-    device: str = "cpu"
-    dtype: str = "float32"
-    autocast: str = ""  # "bf16" / "fp16": the backbone in half precision, the head in dtype
-    compile: bool = False  # torch.compile the kept blocks (the first batch of each shape compiles)
-    max_batch_size: int = 8  # items per backbone pass
-    max_wait_ms: float = 10.0  # how long the oldest waiting item may wait for others
-    max_request_mb: float = 64.0  # larger bodies get 413
-    default_u: float = LATENT_U  # noise level when a request gives none (clients send a generator's clean latents)
-    max_sequence_length: int | None = None  # T5 tokens when the server encodes prompts (default: the model's own)
-    max_prompts: int = 256  # prompts per request (more: 413)
-    max_prompt_chars: int = 2000  # characters per prompt (longer: 413)
-    idle_timeout_s: float = 30.0  # a connection that sends no request for this long is closed
-    header_timeout_s: float = 10.0  # the request line and headers must arrive within this
-    body_timeout_s: float = 60.0  # the body must arrive within this (else 408)
-    max_connections: int = 256  # open connections; more get 503
-    backlog: int = 128  # the listen queue
-    api_key: str = ""  # clients must send "Authorization: Bearer <key>" (default: $DINA_LRM_API_KEY)
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> ServeConfig:
-        return from_dict(cls, raw)
-
-    def validate(self) -> None:
-        if not self.reward or not self.model:
-            raise ValueError("serve needs --reward (reward model directory) and --model (its generator)")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {sorted(DTYPES)}")
-        if self.autocast not in ("", *AUTOCAST):
-            raise ValueError(f"unknown autocast {self.autocast!r}; choose one of {sorted(AUTOCAST)}")
-        if self.max_request_mb <= 0 or not 0 <= self.default_u <= 1:
-            raise ValueError("max_request_mb must be > 0 and default_u in [0, 1]")
-        positive = ("max_prompts", "max_prompt_chars", "idle_timeout_s", "header_timeout_s", "body_timeout_s", "max_connections", "backlog")
-        bad = [name for name in positive if not getattr(self, name) > 0]
-        if bad:
-            raise ValueError(f"these serve limits must be > 0: {', '.join(bad)}")
-
-    @property
-    def prompt_limits(self) -> PromptLimits:
-        return PromptLimits(self.max_prompts, self.max_prompt_chars)
-
-    def resolved_api_key(self) -> str:
-        return self.api_key or os.environ.get(API_KEY_ENV, "")
 
 
 class RewardService:
