@@ -67,7 +67,7 @@ def sd3_prompt_encoder(t5_layers: int, seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     from dina_lrm.models.sd3_text import SD3PromptEncoder
-    from dina_lrm.toyworld.tiny_sd3 import clip_tokenizer, t5_tokenizer
+    from dina_lrm.testing.tiny_sd3 import clip_tokenizer, t5_tokenizer
 
     torch.manual_seed(seed)
     clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer()
@@ -94,7 +94,7 @@ def save_pipeline(directory, t5_layers: int = 2, seed: int = 0):
     :func:`sd3_prompt_encoder`, a 4-level VAE) written with ``save_pretrained``."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
-    from dina_lrm.toyworld.tiny_sd3 import small_vae
+    from dina_lrm.testing.tiny_sd3 import small_vae
 
     torch.manual_seed(seed)
     text = sd3_prompt_encoder(t5_layers, seed)

@@ -20,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from dina_lrm.toyworld.alignment import ToyAlignmentConfig, run_alignment_experiment
+from dina_lrm_toyworld.alignment import ToyAlignmentConfig, run_alignment_experiment
 
 RUN = "ReFL + DiNa-LRM"
 

@@ -60,7 +60,7 @@ def prompt_stream(calls: int, per_call: int, seed: int = 0) -> list[list[str]]:
 def mid_scorer(text_cost: float) -> tuple[Scorer, dict]:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from dina_lrm.toyworld.tiny_sd3 import small_vae
+    from dina_lrm.testing.tiny_sd3 import small_vae
 
     model = build_model().eval()
     reward_flops = scoring_flops(model, LATENT_SHAPE, 109, Setting((0.4,), 1))
@@ -77,8 +77,8 @@ def mid_scorer(text_cost: float) -> tuple[Scorer, dict]:
 
 def toy_scorer() -> tuple[Scorer, dict]:
     from dina_lrm.pipelines import load_pipeline
-    from dina_lrm.toyworld.demo import DEMO_MODEL
-    from dina_lrm.toyworld.generator import T5_TOKENS
+    from dina_lrm_toyworld.demo import DEMO_MODEL
+    from dina_lrm_toyworld.generator import T5_TOKENS
 
     pipe = load_pipeline(TOY_GENERATOR)
     model = DiNaLRM(DiNaConfig.from_dict({"model": DEMO_MODEL, "data": {"train": {"max_sequence_length": T5_TOKENS}}}), pipe.transformer)

@@ -1,4 +1,4 @@
-"""Reward-guided sampling in the toy world (``dina_lrm.toyworld.search_experiment``): the judge score
+"""Reward-guided sampling in the toy world (``dina_lrm_toyworld.search_experiment``): the judge score
 of the returned image against its cost for plain sampling, best-of-N with the pixel reward, with
 DiNa-LRM and with the judge, and prune-and-continue with DiNa-LRM; the rank correlation of the noisy
 DiNa-LRM score with the final judge score at sigma 0.8 / 0.6 / 0.4 / 0.2. Writes ``OUT/results.json``.
@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from dina_lrm.pipelines import load_pipeline
-from dina_lrm.toyworld.demo import SHIPPED_GENERATOR, SHIPPED_REWARD
-from dina_lrm.toyworld.rewards import load_pixel_reward
-from dina_lrm.toyworld.search_experiment import run_search_experiment, search_markdown
+from dina_lrm_toyworld.demo import SHIPPED_GENERATOR, SHIPPED_REWARD
+from dina_lrm_toyworld.rewards import load_pixel_reward
+from dina_lrm_toyworld.search_experiment import run_search_experiment, search_markdown
 
 
 def main() -> None:

@@ -38,8 +38,8 @@ import torch
 from dina_lrm import DiNaConfig, DiNaLRM, Scorer
 from dina_lrm.pipelines import load_pipeline
 from dina_lrm.serve.client import RewardClient, RewardServerError
-from dina_lrm.toyworld.demo import DEMO_MODEL
-from dina_lrm.toyworld.generator import T5_TOKENS
+from dina_lrm_toyworld.demo import DEMO_MODEL
+from dina_lrm_toyworld.generator import T5_TOKENS
 
 GENERATOR = Path(__file__).resolve().parents[1] / "src" / "dina_lrm" / "toyworld" / "pretrained"
 PROMPTS = ["a red circle", "two blue squares", "a small green triangle on the left", "a big yellow star"]

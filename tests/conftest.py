@@ -8,7 +8,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from dina_lrm import DiNaConfig, DiNaLRM
-from dina_lrm.toyworld.tiny_sd3 import save_tiny_sd3_pipeline
+from dina_lrm.testing.tiny_sd3 import save_tiny_sd3_pipeline
 
 TINY_MODEL = {
     "num_transformer_layers": 3,

@@ -242,7 +242,7 @@ class TestBadConfigs:
     def test_draft_needs_a_differentiable_reward(self, pipeline_dir, reward_dir, prompt_file, tmp_path):
         with pytest.raises(ValueError, match="not differentiable"):
             make_config(pipeline_dir, reward_dir, prompt_file, tmp_path, method="draft",
-                        reward={"kind": "python", "target": "dina_lrm.toyworld.rewards:judge"})
+                        reward={"kind": "python", "target": "dina_lrm_toyworld.rewards:judge"})
 
     def test_unknown_keys_kinds_and_missing_files(self, pipeline_dir, reward_dir, prompt_file, tmp_path):
         with pytest.raises(ConfigError, match="did you mean 'group_size'"):

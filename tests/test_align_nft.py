@@ -211,7 +211,7 @@ def test_a_python_reward_reads_latents_and_an_image_only_one_is_refused(pipeline
     latents = torch.randn(2, *aligner.latent_shape)
     torch.testing.assert_close(aligner.reward(latents, ["a", "b"], seed=0), latents[:, 0].mean(dim=(1, 2)))
     assert decodes == []
-    judge = {"kind": "python", "target": "dina_lrm.toyworld.rewards:judge", "input": "latents"}
+    judge = {"kind": "python", "target": "dina_lrm_toyworld.rewards:judge", "input": "latents"}
     with pytest.raises(ValueError, match="scores images only and cannot take latents"):
         Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path / "bad", method="nft", reward=judge))
     with pytest.raises(ValueError, match="unknown reward input 'pixels'"):

@@ -20,7 +20,7 @@ from dina_lrm.align.trainer import Aligner
 from dina_lrm.data.shards import PairRecord, write_preference_shards
 from dina_lrm.noise import SigmaTable
 from dina_lrm.pipelines import load_pipeline
-from dina_lrm.toyworld.alignment import in_workers, run_one
+from dina_lrm_toyworld.alignment import in_workers, run_one
 
 
 def refl_config(pipeline_dir, reward_dir, prompt_file, out, **overrides) -> AlignConfig:
@@ -223,7 +223,7 @@ class TestBadReflConfigs:
 
     def test_non_differentiable_reward(self, pipeline_dir, reward_dir, prompt_file, tmp_path):
         with pytest.raises(ValueError, match="not differentiable"):
-            refl_config(pipeline_dir, reward_dir, prompt_file, tmp_path, reward={"kind": "python", "target": "dina_lrm.toyworld.rewards:judge"})
+            refl_config(pipeline_dir, reward_dir, prompt_file, tmp_path, reward={"kind": "python", "target": "dina_lrm_toyworld.rewards:judge"})
 
     def test_rewards_that_all_weigh_nothing_or_less(self, pipeline_dir, reward_dir, prompt_file, tmp_path):
         with pytest.raises(ValueError, match="at least one reward with a non-zero weight"):

@@ -20,11 +20,11 @@ from dina_lrm.eval.runner import EvalConfig, evaluate
 from dina_lrm.pipelines import load_pipeline
 from dina_lrm.serve.client import RewardClient
 from dina_lrm.serve.server import ServeConfig, load_service, make_server
-from dina_lrm.toyworld.benchmark import write_toy_benchmark
+from dina_lrm_toyworld.benchmark import write_toy_benchmark
 from dina_lrm.train.trainer import train
-from tiny_flux import build_tiny_flux_pipeline
-from tiny_qwenimage import build_tiny_qwenimage_pipeline
-from tiny_zimage import build_tiny_zimage_pipeline
+from dina_lrm.testing.tiny_flux import build_tiny_flux_pipeline
+from dina_lrm.testing.tiny_qwenimage import build_tiny_qwenimage_pipeline
+from dina_lrm.testing.tiny_zimage import build_tiny_zimage_pipeline
 
 TAPS = {"num_transformer_layers": 3, "visual_head_idx": [1, 3], "text_head_idx": [1, 3], "lora_config": {"r": 4, "lora_alpha": 8},
         "reward_head": {"num_attn_heads": 2, "width": 64, "use_proj_in": True}}

@@ -238,7 +238,7 @@ def test_toy_scoring_works_out_of_the_box_and_equals_the_api():
     import torch
 
     from dina_lrm import Scorer
-    from dina_lrm.toyworld.demo import SHIPPED_GENERATOR, SHIPPED_REWARD
+    from dina_lrm_toyworld.demo import SHIPPED_GENERATOR, SHIPPED_REWARD
 
     examples = sorted(str(p) for p in (Path(SHIPPED_REWARD).parent / "examples").glob("*.png"))
     assert len(examples) == 2

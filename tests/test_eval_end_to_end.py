@@ -22,8 +22,8 @@ from dina_lrm.eval.official import official_accuracy
 from dina_lrm.eval.protocol import PairIndex
 from dina_lrm.eval.reward_fn import ImageRewardFn
 from dina_lrm.eval.runner import EvalConfig, evaluate
-from dina_lrm.toyworld.benchmark import competition_ranks, write_toy_benchmark
-from dina_lrm.toyworld.judge import Judge
+from dina_lrm_toyworld.benchmark import competition_ranks, write_toy_benchmark
+from dina_lrm_toyworld.judge import Judge
 
 FAST = {"u_values": [0.2, 0.5], "draws": [2], "level_sets": [[0.2, 0.5]], "bootstrap_resamples": 200, "batch_size": 5}
 

@@ -21,9 +21,9 @@ from dina_lrm.models.flux import pack_latents
 from dina_lrm.models.flux_policy import unpack_latents
 from dina_lrm.pipelines import load_pipeline
 from dina_lrm.search import Searcher, SearchConfig
-from tiny_flux import build_tiny_flux_pipeline
-from tiny_qwenimage import build_tiny_qwenimage_pipeline
-from tiny_zimage import build_tiny_zimage_pipeline
+from dina_lrm.testing.tiny_flux import build_tiny_flux_pipeline
+from dina_lrm.testing.tiny_qwenimage import build_tiny_qwenimage_pipeline
+from dina_lrm.testing.tiny_zimage import build_tiny_zimage_pipeline
 
 PROMPTS = ["a red circle", "two blue squares"]
 REWARD_MODEL = {"num_transformer_layers": 3, "visual_head_idx": [1, 3], "text_head_idx": [1, 3], "lora_config": {"r": 4, "lora_alpha": 8},

@@ -6,8 +6,8 @@ import torch
 from dina_lrm import Scorer
 from dina_lrm.pipelines import load_pipeline
 from dina_lrm.search import Searcher, SearchConfig
-from dina_lrm.toyworld.demo import SHIPPED_GENERATOR, SHIPPED_REWARD
-from dina_lrm.toyworld.generator import T5_TOKENS
+from dina_lrm_toyworld.demo import SHIPPED_GENERATOR, SHIPPED_REWARD
+from dina_lrm_toyworld.generator import T5_TOKENS
 
 PROMPT = "two red circles"
 
@@ -116,7 +116,7 @@ class TestBadInput:
         from pathlib import Path
 
         sys.path.insert(0, str(Path(__file__).parent))
-        from tiny_flux import build_tiny_flux_pipeline
+        from dina_lrm.testing.tiny_flux import build_tiny_flux_pipeline
 
         from dina_lrm import DiNaConfig, DiNaLRM
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dina_lrm.config import config_differences
-from dina_lrm.toyworld.ablations import (
+from dina_lrm_toyworld.ablations import (
     ROW_BY_NAME,
     ROWS,
     AblationConfig,
@@ -14,8 +14,8 @@ from dina_lrm.toyworld.ablations import (
     dina_config,
     run_ablations,
 )
-from dina_lrm.toyworld.lrm_baseline import PooledCosineLRM
-from dina_lrm.toyworld.preferences import PreferenceDataConfig
+from dina_lrm_toyworld.lrm_baseline import PooledCosineLRM
+from dina_lrm_toyworld.preferences import PreferenceDataConfig
 
 # the release-config keys each setting of a Variant may change
 CONFIG_KEYS = {

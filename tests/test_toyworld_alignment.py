@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from dina_lrm.pipelines import load_pipeline
 from dina_lrm.data.shards import load_preference_shards
-from dina_lrm.toyworld.alignment import (
+from dina_lrm_toyworld.alignment import (
     BASES,
     GATE,
     RUNS,
@@ -23,15 +23,15 @@ from dina_lrm.toyworld.alignment import (
     write_prompt_sets,
     write_render_shards,
 )
-from dina_lrm.toyworld.demo import SHIPPED_GENERATOR
-from dina_lrm.toyworld.generator import decode_latents
-from dina_lrm.toyworld.alignment_report import efficiency
-from dina_lrm.toyworld.judge import Judge
-from dina_lrm.toyworld.pixel_reward import PixelReward
-from dina_lrm.toyworld.preferences import PreferenceDataConfig
-from dina_lrm.toyworld.rewards import judge, judge_scores, load_pixel_reward, pixel_reward, save_pixel_reward
-from dina_lrm.toyworld.pretrain import pretrain, render_training_images
-from dina_lrm.toyworld.scenes import CONFUSIONS, parse_prompt, render, scene_for, with_object
+from dina_lrm_toyworld.demo import SHIPPED_GENERATOR
+from dina_lrm_toyworld.generator import decode_latents
+from dina_lrm_toyworld.alignment_report import efficiency
+from dina_lrm_toyworld.judge import Judge
+from dina_lrm_toyworld.pixel_reward import PixelReward
+from dina_lrm_toyworld.preferences import PreferenceDataConfig
+from dina_lrm_toyworld.rewards import judge, judge_scores, load_pixel_reward, pixel_reward, save_pixel_reward
+from dina_lrm_toyworld.pretrain import pretrain, render_training_images
+from dina_lrm_toyworld.scenes import CONFUSIONS, parse_prompt, render, scene_for, with_object
 
 SRC = Path(__file__).parents[1] / "src" / "dina_lrm"
 
@@ -43,7 +43,7 @@ def test_the_library_never_imports_the_toy_world():
         if path.parent.name == "toyworld" or path.name == "cli.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dina_lrm.toyworld"):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dina_lrm_toyworld"):
                 offenders.append(f"{path.relative_to(SRC)}: {node.module}")
     assert not offenders, offenders
 

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from dina_lrm.toyworld.corruptions import DEFECTS, SEMANTIC, add_defect, corrupt_scene
-from dina_lrm.toyworld.judge import Judge
-from dina_lrm.toyworld.scenes import (
+from dina_lrm_toyworld.corruptions import DEFECTS, SEMANTIC, add_defect, corrupt_scene
+from dina_lrm_toyworld.judge import Judge
+from dina_lrm_toyworld.scenes import (
     BACKGROUND,
     COLOURS,
     HELD_OUT_COMBINATIONS,

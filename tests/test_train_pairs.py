@@ -10,8 +10,8 @@ from dina_lrm.eval.pairwise import pairwise_accuracy
 from dina_lrm.models.sd3_text import SD3PromptEncoder
 from dina_lrm.noise import NoiseSampler, SigmaTable
 from dina_lrm.scorer import Scorer
-from dina_lrm.toyworld.pixel_reward import PixelReward, pixel_preference_step
-from dina_lrm.train.pairs import FitConfig, PairBatches, fit_pairs
+from dina_lrm_toyworld.pixel_reward import PixelReward, pixel_preference_step
+from dina_lrm_toyworld.pairs import FitConfig, PairBatches, fit_pairs
 from dina_lrm.train.step import preference_step
 
 

@@ -1,4 +1,6 @@
-"""Command line: ``dina-lrm score | prepare | train | eval | serve | align | demo | toyworld pretrain | toyworld bias | toyworld align | toyworld ablations | toyworld benchmark``."""
+"""Command line: ``dina-lrm score | prepare | train | eval | serve | align | sample``, and the commands
+that packages register under the ``dina_lrm.commands`` entry point (the toy world: ``demo``,
+``toyworld ...``)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import argparse
 import json
 import logging
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import dina_lrm
@@ -13,6 +16,9 @@ from dina_lrm.config import DTYPE_NAMES, IMAGE_U, add_config_arguments, load_set
 from dina_lrm.data.config import PrepareConfig
 from dina_lrm.eval.config import EvalConfig
 from dina_lrm.serve.config import ServeConfig
+
+COMMANDS_GROUP = "dina_lrm.commands"  # each entry point: add_commands(subparsers)
+TOY_MODELS_GROUP = "dina_lrm.toy_models"
 
 
 def read_pairs(path: Path, images_root: Path | None = None) -> list[tuple[str, str]]:
@@ -58,9 +64,7 @@ def run_score(args) -> int:
     if args.toy:
         if args.reward or args.model:
             raise ValueError("--toy picks the shipped toy reward model and generator; leave out --reward and --model")
-        from dina_lrm.toyworld.demo import SHIPPED_GENERATOR, SHIPPED_REWARD
-
-        args.reward, args.model = str(SHIPPED_REWARD), str(SHIPPED_GENERATOR)
+        args.reward, args.model = toy_models()["reward"], toy_models()["model"]
     elif not (args.reward and args.model):
         raise ValueError("give --reward DIR (or hub id) and --model (its generator), or --toy")
     from dina_lrm.pipelines import DTYPES
@@ -158,56 +162,6 @@ def run_align(args) -> int:
     return 0
 
 
-def run_toy_benchmark(args) -> int:
-    from dina_lrm.toyworld.benchmark import write_toy_benchmark
-
-    path = write_toy_benchmark(args.out, prompts=args.prompts, images_per_prompt=args.images_per_prompt, seed=args.seed)
-    print(f"Wrote {path} (HPDv2 layout). Evaluate with: dina-lrm eval --format hpdv2 --input {path} --reward REWARD --model GENERATOR")
-    return 0
-
-
-def run_toy_align(args) -> int:
-    from dina_lrm.config import apply_overrides, from_dict
-    from dina_lrm.toyworld.alignment import ToyAlignmentConfig, run_alignment_experiment
-
-    raw = apply_overrides({k: getattr(args, k) for k in ("base", "seeds", "runs") if getattr(args, k)}, args.set)
-    run_alignment_experiment(args.out, from_dict(ToyAlignmentConfig, raw), overwrite=args.overwrite)
-    print((Path(args.out) / "alignment.md").read_text())
-    return 0
-
-
-def run_toy_bias(args) -> int:
-    from dina_lrm.config import apply_overrides
-    from dina_lrm.toyworld.alignment import biased_base_recipe
-    from dina_lrm.toyworld.pretrain import pretrain
-
-    pretrain(Path(args.out), biased_base_recipe(**apply_overrides({}, args.set)))
-    print(f"Wrote the biased toy generator to {args.out}")
-    return 0
-
-
-def run_toy_ablations(args) -> int:
-    from dina_lrm.config import apply_overrides, from_dict
-    from dina_lrm.toyworld.ablations import AblationConfig, run_ablations
-
-    raw = apply_overrides({k: getattr(args, k) for k in ("seeds", "rows", "steps") if getattr(args, k)}, args.set)
-    run_ablations(args.out, from_dict(AblationConfig, raw), generator_dir=args.generator, overwrite=args.overwrite)
-    print((Path(args.out) / "ablations.md").read_text())
-    return 0
-
-
-def run_demo(args) -> int:
-    from dina_lrm.toyworld.demo import DemoConfig
-    from dina_lrm.toyworld.demo import run_demo as demo
-    from dina_lrm.toyworld.preferences import PreferenceDataConfig
-
-    data = {k: getattr(args, k) for k in ("train_prompts", "test_prompts", "flip_rate") if getattr(args, k) is not None}
-    demo_options = {"steps": args.steps} if args.steps is not None else {}
-    config = DemoConfig(data=PreferenceDataConfig(seed=args.seed, **data), seed=args.seed, **demo_options)
-    demo(Path(args.out), config, generator_dir=args.generator, from_scratch=args.from_scratch, overwrite=args.overwrite)
-    return 0
-
-
 def run_sample(args) -> int:
     prompts = [args.prompt] if args.prompt else [p.strip() for p in Path(args.prompts).read_text().splitlines() if p.strip()] if args.prompts else []
     if not prompts:
@@ -215,11 +169,9 @@ def run_sample(args) -> int:
     if args.toy:
         if args.reward or args.model:
             raise ValueError("--toy picks the shipped toy reward model and generator; leave out --reward and --model")
-        from dina_lrm.toyworld.demo import SHIPPED_GENERATOR, SHIPPED_REWARD
-        from dina_lrm.toyworld.generator import T5_TOKENS
-
-        args.reward, args.model = str(SHIPPED_REWARD), str(SHIPPED_GENERATOR)
-        args.max_sequence_length = args.max_sequence_length or T5_TOKENS
+        toy = toy_models()
+        args.reward, args.model = toy["reward"], toy["model"]
+        args.max_sequence_length = args.max_sequence_length or toy["max_sequence_length"]
     elif not (args.reward and args.model):
         raise ValueError("give --reward DIR (or hub id) and --model (its generator), or --toy")
     from dina_lrm.outputs import claim_output
@@ -239,15 +191,6 @@ def run_sample(args) -> int:
     paths = write_results(results, pipe.vae, out, config)
     calls = sum(r.transformer_calls for r in results)
     print(f"Wrote {len(paths)} images, search.json and contact_sheet.png to {out} ({calls} candidate steps through the generator)")
-    return 0
-
-
-def run_pretrain(args) -> int:
-    from dina_lrm.toyworld.pretrain import PretrainConfig, pretrain
-
-    overrides = {k: getattr(args, k) for k in ("vae_steps", "generator_steps", "dataset_size", "vae_from", "generator_from", "save_dtype") if getattr(args, k) is not None}
-    pretrain(Path(args.out), PretrainConfig(seed=args.seed, **overrides))
-    print(f"Wrote the toy generator to {args.out} (load it with dina_lrm.pipelines.load_pipeline)")
     return 0
 
 
@@ -336,64 +279,18 @@ def build_parser() -> argparse.ArgumentParser:
     aligner.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. reward.u=0.3")
     aligner.set_defaults(func=run_align)
 
-    demo = commands.add_parser("demo", help="the toy world end to end: data, DiNa-LRM vs. baselines, report")
-    demo.add_argument("--out", default="demo_out")
-    demo.add_argument("--steps", type=int, help="training steps per DiNa-LRM variant; the pixel reward gets the same FLOPs "
-                      "(default: DemoConfig's)")
-    demo.add_argument("--generator", help="toy generator directory (default: the shipped one)")
-    demo.add_argument("--from-scratch", action="store_true", help="pretrain the toy generator first (~65 min on 2 cores)")
-    demo.add_argument("--train-prompts", type=int, help="(default: PreferenceDataConfig's)")
-    demo.add_argument("--test-prompts", type=int, help="(default: PreferenceDataConfig's)")
-    demo.add_argument("--flip-rate", type=float, help="share of training labels the noisy rater flips (default 0.2)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--overwrite", action="store_true", help="replace a demo with other settings in --out")
-    demo.set_defaults(func=run_demo)
-
-    toyworld = commands.add_parser("toyworld", help="the toy world's generator").add_subparsers(dest="action", required=True)
-    pretrain = toyworld.add_parser("pretrain", help="train the toy VAE, text encoders and generator from scratch")
-    pretrain.add_argument("--out", required=True)
-    pretrain.add_argument("--seed", type=int, default=0)
-    pretrain.add_argument("--vae-steps", type=int, help="VAE training steps (default: PretrainConfig's)")
-    pretrain.add_argument("--generator-steps", type=int, help="generator training steps (default: PretrainConfig's)")
-    pretrain.add_argument("--dataset-size", type=int, help="renders the generator trains on (default: PretrainConfig's)")
-    pretrain.add_argument("--vae-from", help="reuse the VAE of this toy pipeline directory instead of training one")
-    pretrain.add_argument("--generator-from", help="continue training this toy pipeline directory's generator (its VAE is kept)")
-    pretrain.add_argument("--save-dtype", choices=DTYPE_NAMES, help="precision of the saved weights (default float32)")
-    pretrain.set_defaults(func=run_pretrain)
-    toy_align = toyworld.add_parser("align", help="the alignment experiment: DiffusionNFT with the judge, DiNa-LRM and the pixel "
-                                    "reward, ReFL with DiNa-LRM, on the biased toy generator after its gate, several seeds "
-                                    "(see docs/alignment.md)")
-    toy_align.add_argument("--out", default="demo_out/alignment")
-    toy_align.add_argument("--base", help="biased (default), early, or a toy pipeline directory")
-    toy_align.add_argument("--seeds", type=int, nargs="+", help="(default: 0 1 2)")
-    toy_align.add_argument("--runs", nargs="+", metavar="RUN", help="a subset of the runs, by name (default: all but 'GRPO + judge')")
-    toy_align.add_argument("--overwrite", action="store_true", help="replace an earlier experiment in --out")
-    toy_align.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                           help="override a ToyAlignmentConfig key, e.g. settings.nft.max_steps=20")
-    toy_align.set_defaults(func=run_toy_align)
-    bias = toyworld.add_parser("bias", help="the biased base: continue the shipped generator on renders that draw half of the "
-                               "object groups in a confusion colour (the recipe of the shipped pretrained_biased)")
-    bias.add_argument("--out", required=True)
-    bias.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a PretrainConfig key, e.g. generator_steps=200")
-    bias.set_defaults(func=run_toy_bias)
-    ablations = toyworld.add_parser("ablations", help="the paper's reward-model table in the toy world: every ablation row, "
-                                    "several seeds, intervals (see docs/toyworld.md)")
-    ablations.add_argument("--out", default="demo_out/ablations")
-    ablations.add_argument("--seeds", type=int, nargs="+", help="(default: 0 1 2)")
-    ablations.add_argument("--rows", nargs="+", metavar="ROW", help="a subset of the rows, by name (default: all)")
-    ablations.add_argument("--steps", type=int, help="training steps per row (default: AblationConfig's)")
-    ablations.add_argument("--generator", help="toy generator directory (default: the shipped one)")
-    ablations.add_argument("--overwrite", action="store_true", help="replace earlier ablations in --out")
-    ablations.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                           help="override an AblationConfig key, e.g. data.train_prompts=600")
-    ablations.set_defaults(func=run_toy_ablations)
-    benchmark = toyworld.add_parser("benchmark", help="write a judge-ranked toy benchmark (HPDv2 layout) for `dina-lrm eval`")
-    benchmark.add_argument("--out", required=True)
-    benchmark.add_argument("--prompts", type=int, default=40)
-    benchmark.add_argument("--images-per-prompt", type=int, default=4)
-    benchmark.add_argument("--seed", type=int, default=0)
-    benchmark.set_defaults(func=run_toy_benchmark)
+    for plugin in entry_points(group=COMMANDS_GROUP):  # e.g. the toy world's `demo` and `toyworld` commands
+        plugin.load()(commands)
     return parser
+
+
+def toy_models() -> dict:
+    """The shipped toy reward model and generator (``reward``, ``model``, ``max_sequence_length``), from
+    the toy world's entry point."""
+    found = entry_points(group=TOY_MODELS_GROUP, name="shipped")
+    if not found:
+        raise ValueError("--toy needs the toy world: pip install 'dina-lrm[toyworld]'")
+    return next(iter(found)).load()()
 
 
 class QuietTorchvisionFallback(logging.Filter):

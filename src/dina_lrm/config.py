@@ -30,6 +30,7 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the precisions every command
 # samples), whose VAE round trip the reward did not train on and which read best a little noised.
 LATENT_U = 0.4
 IMAGE_U = 0.1
+SAMPLING_SCHEMES = ("uniform", "logit_normal", "mode", "beta", "power", "constant")  # how training draws u (noise.py)
 
 
 class ConfigError(ValueError):
@@ -140,8 +141,6 @@ class TrainingConfig:
     ema_decay: float = 0.995
 
     def validate(self) -> None:
-        from dina_lrm.noise import SAMPLING_SCHEMES
-
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"training.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
         if self.lr_scheduler not in LR_SCHEDULERS:

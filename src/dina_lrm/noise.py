@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from dina_lrm.config import IMAGE_U, LATENT_U
+from dina_lrm.config import IMAGE_U, LATENT_U, SAMPLING_SCHEMES
 
-SAMPLING_SCHEMES = ("uniform", "logit_normal", "mode", "beta", "power", "constant")
 
 
 class SigmaTable:

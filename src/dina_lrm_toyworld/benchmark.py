@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dina_lrm.toyworld.judge import Judge
-from dina_lrm.toyworld.preferences import corrupted_render
-from dina_lrm.toyworld.corruptions import corrupt_scene
-from dina_lrm.toyworld.scenes import parse_prompt, render, sample_prompts, scene_for
+from dina_lrm_toyworld.judge import Judge
+from dina_lrm_toyworld.preferences import corrupted_render
+from dina_lrm_toyworld.corruptions import corrupt_scene
+from dina_lrm_toyworld.scenes import parse_prompt, render, sample_prompts, scene_for
 
 
 def competition_ranks(scores: list[float]) -> list[int]:
@@ -47,7 +47,7 @@ def write_toy_benchmark(out: str | Path, prompts: int = 40, images_per_prompt: i
 
 def write_examples(out: str | Path, prompt: str = "two red circles", kind: str = "colour", seed: int = 0) -> list[Path]:
     """Two images for trying a toy reward model: a clean render of ``prompt`` and the scene with one
-    clause broken (``kind``; the shipped ``toyworld/examples/``: ``write_examples("src/dina_lrm/toyworld/examples")``)."""
+    clause broken (``kind``; the shipped ``toyworld/examples/``: ``write_examples("src/dina_lrm_toyworld/examples")``)."""
     spec, rng = parse_prompt(prompt), np.random.default_rng(seed)
     scene = scene_for(spec, rng)
     wrong = next(w for w in (corrupt_scene(spec, scene, kind, rng) for _ in range(100)) if w is not None)  # placement can fail

@@ -6,7 +6,7 @@ import torch
 from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from dina_lrm.toyworld.tiny_sd3 import t5_tokenizer
+from dina_lrm.testing.tiny_sd3 import t5_tokenizer
 
 TINY_QWENIMAGE = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=3, attention_head_dim=16, num_attention_heads=2,
                       joint_attention_dim=32, axes_dims_rope=(4, 6, 6))

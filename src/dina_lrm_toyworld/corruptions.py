@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from dina_lrm.toyworld.scenes import COLOURS, OPPOSITE, SHAPES, PromptSpec, Scene, place_objects, with_object
+from dina_lrm_toyworld.scenes import COLOURS, OPPOSITE, SHAPES, PromptSpec, Scene, place_objects, with_object
 
 SEMANTIC = ("colour", "count", "shape", "size", "relation")
 DEFECTS = ("blur", "noise", "colour cast", "fragments")

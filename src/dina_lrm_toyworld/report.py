@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from dina_lrm.scorer import Scorer
-from dina_lrm.toyworld.search_experiment import search_markdown
+from dina_lrm_toyworld.search_experiment import search_markdown
 
 GRID_SAMPLES = 16
 SAMPLE_U = 0.4

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from dina_lrm.toyworld.scenes import BACKGROUND, COLOURS, SIZES, PromptSpec, parse_prompt
+from dina_lrm_toyworld.scenes import BACKGROUND, COLOURS, SIZES, PromptSpec, parse_prompt
 
 PALETTE = np.array([BACKGROUND, *COLOURS.values()], dtype=np.float32)
 COLOUR_NAMES = list(COLOURS)

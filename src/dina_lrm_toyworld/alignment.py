@@ -44,19 +44,19 @@ from dina_lrm.eval.pairwise import bootstrap_interval
 from dina_lrm.models.backbones import policy_for
 from dina_lrm.models.sd3_text import SD3PromptEncoder
 from dina_lrm.pipelines import load_pipeline
-from dina_lrm.toyworld.alignment_report import write_alignment_report
-from dina_lrm.toyworld.corruptions import corrupt_scene
-from dina_lrm.toyworld.demo import SHIPPED_GENERATOR, DemoConfig, build_preference_data, subset, train_dina, train_pixel
-from dina_lrm.toyworld.generator import T5_TOKENS, encode_latents, images_to_tensor
-from dina_lrm.toyworld.preferences import PreferenceDataConfig
-from dina_lrm.toyworld.pretrain import PretrainConfig
-from dina_lrm.toyworld.rewards import CLAUSES, load_pixel_reward, save_pixel_reward
-from dina_lrm.toyworld.scenes import parse_prompt, render, sample_prompts, scene_for
-from dina_lrm.train.pairs import PairBatches
+from dina_lrm_toyworld.alignment_report import write_alignment_report
+from dina_lrm_toyworld.corruptions import corrupt_scene
+from dina_lrm_toyworld.demo import SHIPPED_GENERATOR, DemoConfig, build_preference_data, subset, train_dina, train_pixel
+from dina_lrm_toyworld.generator import T5_TOKENS, encode_latents, images_to_tensor
+from dina_lrm_toyworld.preferences import PreferenceDataConfig
+from dina_lrm_toyworld.pretrain import PretrainConfig
+from dina_lrm_toyworld.rewards import CLAUSES, load_pixel_reward, save_pixel_reward
+from dina_lrm_toyworld.scenes import parse_prompt, render, sample_prompts, scene_for
+from dina_lrm_toyworld.pairs import PairBatches
 
 BASES = {"biased": Path(__file__).parent / "pretrained_biased", "early": Path(__file__).parent / "pretrained_early"}
-JUDGE = RewardSpec(kind="python", target="dina_lrm.toyworld.rewards:judge", name="judge")
-CONSTANT = RewardSpec(kind="python", target="dina_lrm.toyworld.rewards:constant", name="constant")
+JUDGE = RewardSpec(kind="python", target="dina_lrm_toyworld.rewards:judge", name="judge")
+CONSTANT = RewardSpec(kind="python", target="dina_lrm_toyworld.rewards:constant", name="constant")
 RUNS = {  # name: (method, reward); "renders": fine-tuning on ground-truth renders, judged by the judge
     "SFT on renders": ("sft", "renders"),
     "NFT + constant reward": ("nft", "constant"),
@@ -211,7 +211,7 @@ def reward_spec(kind: str, rewards: dict, base_dir: Path) -> RewardSpec:
     if kind == "dina":
         return RewardSpec(kind="dina", path=rewards["dina"], u=0.4, name="DiNa-LRM")
     if kind == "pixel":
-        return RewardSpec(kind="python", target="dina_lrm.toyworld.rewards:pixel_reward", name="pixel reward", differentiable=True,
+        return RewardSpec(kind="python", target="dina_lrm_toyworld.rewards:pixel_reward", name="pixel reward", differentiable=True,
                           kwargs={"path": rewards["pixel"], "generator": str(base_dir)})
     return CONSTANT if kind == "constant" else JUDGE
 

@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from dina_lrm.models.sd3_text import SD3PromptEncoder
 from dina_lrm.pipelines import DTYPES, load_pipeline
-from dina_lrm.toyworld.corruptions import DEFECTS, add_defect
-from dina_lrm.toyworld.generator import (
+from dina_lrm_toyworld.corruptions import DEFECTS, add_defect
+from dina_lrm_toyworld.generator import (
     T5_TOKENS,
     ToyGeneratorConfig,
     build_toy_pipeline,
@@ -39,8 +39,7 @@ from dina_lrm.toyworld.generator import (
     encode_latents,
     images_to_tensor,
 )
-from dina_lrm.toyworld.scenes import confused, render, sample_prompt, scene_for
-from dina_lrm.toyworld.tiny_sd3 import calibrate_vae_normalisation
+from dina_lrm_toyworld.scenes import confused, render, sample_prompt, scene_for
 
 UNCONDITIONAL_PROMPT = ""
 
@@ -197,3 +196,11 @@ def pretrain(out_dir: str | Path, config: PretrainConfig | None = None) -> Stabl
     }
     (out_dir / "pretrain.json").write_text(json.dumps(record, indent=2))
     return pipe
+
+
+@torch.no_grad()
+def calibrate_vae_normalisation(vae: AutoencoderKL, images: torch.Tensor) -> None:
+    """Set ``shift_factor`` / ``scaling_factor`` so the images' latents have zero mean and unit
+    variance, the way SD3's constants were chosen for its own VAE. ``images``: (B, 3, H, W) in [0, 1]."""
+    latents = vae.encode(images * 2 - 1).latent_dist.mode()
+    vae.register_to_config(shift_factor=latents.mean().item(), scaling_factor=1.0 / latents.std().item())

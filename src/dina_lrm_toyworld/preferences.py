@@ -20,11 +20,11 @@ from tqdm import tqdm
 
 from dina_lrm.data.shards import PairRecord
 from dina_lrm.models.sd3_text import SD3PromptEncoder
-from dina_lrm.toyworld.corruptions import DEFECTS, SEMANTIC, add_defect, corrupt_scene
-from dina_lrm.toyworld.generator import decode_latents, encode_latents, images_to_tensor
-from dina_lrm.toyworld.judge import Judge
-from dina_lrm.toyworld.pretrain import UNCONDITIONAL_PROMPT
-from dina_lrm.toyworld.scenes import PromptSpec, render, scene_for
+from dina_lrm_toyworld.corruptions import DEFECTS, SEMANTIC, add_defect, corrupt_scene
+from dina_lrm_toyworld.generator import decode_latents, encode_latents, images_to_tensor
+from dina_lrm_toyworld.judge import Judge
+from dina_lrm_toyworld.pretrain import UNCONDITIONAL_PROMPT
+from dina_lrm_toyworld.scenes import PromptSpec, render, scene_for
 
 
 @dataclass

@@ -32,16 +32,16 @@ from dina_lrm.models.sd3_text import SD3PromptEncoder
 from dina_lrm.noise import NoiseSampler, SigmaTable
 from dina_lrm.pipelines import load_pipeline
 from dina_lrm.scorer import Scorer
-from dina_lrm.toyworld.ablations_report import write_ablation_report
-from dina_lrm.toyworld.alignment import in_workers
-from dina_lrm.toyworld.benchmark import write_toy_benchmark
-from dina_lrm.toyworld.demo import DEMO_MODEL, U_GRID, build_preference_data, dina_step_fn, load_generator
-from dina_lrm.toyworld.generator import T5_TOKENS, decode_latents, encode_latents, images_to_tensor
-from dina_lrm.toyworld.lrm_baseline import PooledCosineLRM, lrm_preference_step
-from dina_lrm.toyworld.pixel_reward import PixelReward, decode_for_reward, pixel_preference_step
-from dina_lrm.toyworld.preferences import PreferenceDataConfig
-from dina_lrm.toyworld.rewards import CLAUSES, JUDGE, clause_rates
-from dina_lrm.train.pairs import FitConfig, PairBatches, fit_pairs, step_flops
+from dina_lrm_toyworld.ablations_report import write_ablation_report
+from dina_lrm_toyworld.alignment import in_workers
+from dina_lrm_toyworld.benchmark import write_toy_benchmark
+from dina_lrm_toyworld.demo import DEMO_MODEL, U_GRID, build_preference_data, dina_step_fn, load_generator
+from dina_lrm_toyworld.generator import T5_TOKENS, decode_latents, encode_latents, images_to_tensor
+from dina_lrm_toyworld.lrm_baseline import PooledCosineLRM, lrm_preference_step
+from dina_lrm_toyworld.pixel_reward import PixelReward, decode_for_reward, pixel_preference_step
+from dina_lrm_toyworld.preferences import PreferenceDataConfig
+from dina_lrm_toyworld.rewards import CLAUSES, JUDGE, clause_rates
+from dina_lrm_toyworld.pairs import FitConfig, PairBatches, fit_pairs, step_flops
 
 ENSEMBLE = (0.2, 0.5, 0.7)  # the paper's test-time levels
 GAP_BINS = {"gap < 0.1": (-1.0, 0.1), "0.1-0.2": (0.1, 0.2), "gap >= 0.2": (0.2, 2.0)}  # one clause of a relation prompt is ~0.095

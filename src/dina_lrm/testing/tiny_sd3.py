@@ -145,11 +145,3 @@ def save_tiny_sd3_pipeline(directory: str | Path, config: TinySD3Config | None =
     directory = Path(directory)
     build_tiny_sd3_pipeline(config, seed).save_pretrained(str(directory))
     return directory
-
-
-@torch.no_grad()
-def calibrate_vae_normalisation(vae: AutoencoderKL, images: torch.Tensor) -> None:
-    """Set ``shift_factor`` / ``scaling_factor`` so the images' latents have zero mean and unit
-    variance, the way SD3's constants were chosen for its own VAE. ``images``: (B, 3, H, W) in [0, 1]."""
-    latents = vae.encode(images * 2 - 1).latent_dist.mode()
-    vae.register_to_config(shift_factor=latents.mean().item(), scaling_factor=1.0 / latents.std().item())

@@ -5,7 +5,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from dina_lrm.toyworld.tiny_sd3 import clip_tokenizer, small_vae, t5_tokenizer
+from dina_lrm.testing.tiny_sd3 import clip_tokenizer, small_vae, t5_tokenizer
 
 TINY_FLUX = dict(patch_size=1, in_channels=16, num_layers=3, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
                  joint_attention_dim=32, pooled_projection_dim=24, guidance_embeds=True, axes_dims_rope=(4, 6, 6))

@@ -35,23 +35,23 @@ from dina_lrm.noise import NoiseSampler, SigmaTable
 from dina_lrm.outputs import claim_output
 from dina_lrm.pipelines import load_pipeline
 from dina_lrm.scorer import Scorer
-from dina_lrm.toyworld.benchmark import write_toy_benchmark
-from dina_lrm.toyworld.generator import T5_TOKENS
-from dina_lrm.toyworld.judge import Judge
-from dina_lrm.toyworld.pixel_reward import PixelReward, decode_for_reward, pixel_preference_step
-from dina_lrm.toyworld.preferences import (
+from dina_lrm_toyworld.benchmark import write_toy_benchmark
+from dina_lrm_toyworld.generator import T5_TOKENS
+from dina_lrm_toyworld.judge import Judge
+from dina_lrm_toyworld.pixel_reward import PixelReward, decode_for_reward, pixel_preference_step
+from dina_lrm_toyworld.preferences import (
     PreferenceDataConfig,
     candidate_pairs,
     corruption_candidates,
     generated_candidates,
     label_pairs,
 )
-from dina_lrm.toyworld.pretrain import PretrainConfig, pretrain, reconstruction_psnr
-from dina_lrm.toyworld.report import write_report
-from dina_lrm.toyworld.rewards import save_pixel_reward
-from dina_lrm.toyworld.search_experiment import run_search_experiment
-from dina_lrm.toyworld.scenes import render, sample_prompts, scene_for
-from dina_lrm.train.pairs import FitConfig, PairBatches, fit_pairs, step_flops
+from dina_lrm_toyworld.pretrain import PretrainConfig, pretrain, reconstruction_psnr
+from dina_lrm_toyworld.report import write_report
+from dina_lrm_toyworld.rewards import save_pixel_reward
+from dina_lrm_toyworld.search_experiment import run_search_experiment
+from dina_lrm_toyworld.scenes import render, sample_prompts, scene_for
+from dina_lrm_toyworld.pairs import FitConfig, PairBatches, fit_pairs, step_flops
 from dina_lrm.train.step import preference_step
 
 SHIPPED_GENERATOR = Path(__file__).parent / "pretrained"

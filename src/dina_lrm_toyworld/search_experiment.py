@@ -25,10 +25,10 @@ from dina_lrm.data.images import vae_decode
 from dina_lrm.eval.cost import count_flops, scoring_flops
 from dina_lrm.eval.reward_fn import Setting
 from dina_lrm.search import Searcher, SearchConfig
-from dina_lrm.toyworld.generator import T5_TOKENS
-from dina_lrm.toyworld.pixel_reward import PixelReward
-from dina_lrm.toyworld.rewards import judge_scores
-from dina_lrm.toyworld.scenes import sample_prompts
+from dina_lrm_toyworld.generator import T5_TOKENS
+from dina_lrm_toyworld.pixel_reward import PixelReward
+from dina_lrm_toyworld.rewards import judge_scores
+from dina_lrm_toyworld.scenes import sample_prompts
 
 SIZES = (1, 2, 4, 8, 16)
 AT = [0.6, 0.3]  # the default checkpoints

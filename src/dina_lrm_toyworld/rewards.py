@@ -1,8 +1,8 @@
 """The toy world's rewards as Flow-GRPO style factories, so ``dina-lrm align`` takes them the way it
 takes any user's image reward (``kind: python``):
 
-* ``dina_lrm.toyworld.rewards:judge``: the judge, with per-sample clause results in its info;
-* ``dina_lrm.toyworld.rewards:pixel_reward`` with ``kwargs: {path: ..., generator: ...}``: the saved
+* ``dina_lrm_toyworld.rewards:judge``: the judge, with per-sample clause results in its info;
+* ``dina_lrm_toyworld.rewards:pixel_reward`` with ``kwargs: {path: ..., generator: ...}``: the saved
   pixel reward model (differentiable: its scores keep the graph back to the images).
 """
 
@@ -17,10 +17,10 @@ from safetensors.torch import load_file, save_file
 
 from dina_lrm.models.sd3_text import SD3PromptEncoder
 from dina_lrm.pipelines import load_pipeline
-from dina_lrm.toyworld.generator import T5_TOKENS
-from dina_lrm.toyworld.judge import Judge, JudgeResult
-from dina_lrm.toyworld.pixel_reward import PixelReward
-from dina_lrm.toyworld.scenes import parse_prompt
+from dina_lrm_toyworld.generator import T5_TOKENS
+from dina_lrm_toyworld.judge import Judge, JudgeResult
+from dina_lrm_toyworld.pixel_reward import PixelReward
+from dina_lrm_toyworld.scenes import parse_prompt
 
 JUDGE = Judge()
 CLAUSES = ("object", "colour", "count", "size", "relation", "no_extra", "quality")

@@ -6,7 +6,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
 from transformers import Qwen3Config, Qwen3Model
 
-from dina_lrm.toyworld.tiny_sd3 import small_vae, t5_tokenizer
+from dina_lrm.testing.tiny_sd3 import small_vae, t5_tokenizer
 
 TINY_ZIMAGE = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=272, n_layers=3, n_refiner_layers=1, n_heads=17,
                    n_kv_heads=17, cap_feat_dim=24, axes_dims=[4, 6, 6], axes_lens=[256, 64, 64])
