@@ -76,7 +76,8 @@ def test_reward_model_lora_identity_and_release_layout_round_trip(transformer, t
         expected = model(*args)
     assert any("transformer_blocks.0.attn.to_q.lora_A" in name for name, _ in model.named_parameters())  # the release's rule
     model.save_pretrained(tmp_path / "rm")
-    (tmp_path / "rm" / "checkpoint" / "rm_head.safetensors").unlink()  # the authors' layout: rm_head.pt only
+    (tmp_path / "rm" / "checkpoint" / "rm_head.safetensors").unlink()  # the authors' layout: rm_head.pt only, no manifest
+    (tmp_path / "rm" / "manifest.json").unlink()
     loaded = DiNaLRM.from_pretrained(tmp_path / "rm", copy.deepcopy(transformer))
     with torch.no_grad():
         torch.testing.assert_close(loaded(*args), expected, rtol=0, atol=0)
