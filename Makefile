@@ -9,7 +9,6 @@ TORCH_PIN ?= torch==2.13.0
 
 $(BIN)/dina-lrm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
 	$(BIN)/python -m pip install -q -e ".[all,dev]"
 	touch $@

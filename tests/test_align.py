@@ -268,6 +268,7 @@ def test_cli_align_with_yaml_and_overrides(pipeline_dir, reward_dir, prompt_file
     assert main(["align", "--config", str(tmp_path / "align.yaml"), "--set", "method=ppo"]) == 2
 
 
+@pytest.mark.slow
 def test_two_processes_split_sampling_and_average_gradients(pipeline_dir, reward_dir, prompt_file, tmp_path):
     """`accelerate launch --num_processes 2` (gloo on CPU): both ranks train, rank 0 writes the outputs."""
     import os

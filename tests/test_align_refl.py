@@ -242,6 +242,7 @@ class TestBadReflConfigs:
             refl_config(pipeline_dir, reward_dir, prompt_file, tmp_path, method="grpo", grpo={"sde_window_size": 3, "sde_window_range": [0, 2]})
 
 
+@pytest.mark.slow
 def test_runs_spread_over_worker_processes_equal_runs_in_this_process(pipeline_dir, reward_dir, prompt_file, tmp_path):
     calls = lambda where: [(refl_config(pipeline_dir, reward_dir, prompt_file, tmp_path / where / str(seed), max_steps=2, seed=seed),)
                            for seed in (0, 1)]

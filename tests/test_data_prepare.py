@@ -224,6 +224,7 @@ def test_prepare_resumes_by_skipping_finished_shards_and_is_deterministic(generi
     assert again == first
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_shards_one_process_writes(generic_jsonl, tmp_path, pipe, pipeline_dir):
     config = PrepareConfig(format="generic", input=str(generic_jsonl), out=str(tmp_path / "one"), model="unused", groups_per_shard=1)
     prepare(config, pipe=pipe)

@@ -155,6 +155,7 @@ def test_genai_bench_parquet_votes(tmp_path):
     assert isinstance(groups[0].images[0], bytes)
 
 
+@pytest.mark.slow
 def test_two_processes_gather_the_same_scores_as_one(benchmark, reward_dir, pipeline_dir, tmp_path):
     common = ["--format", "hpdv2", "--input", str(benchmark), "--reward", str(reward_dir), "--model", str(pipeline_dir),
               "--max-sequence-length", "16", "--u", "0.3", "0.6", "--draws", "2", "--levels", "0.3,0.6", "--batch-size", "4",

@@ -29,6 +29,7 @@ def scorer32(pipeline_dir):
     return Scorer.from_model(model, pipe)
 
 
+@pytest.mark.slow
 def test_gradcheck_from_latents_float64(scorer64):
     latents = torch.randn(2, 4, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
 

@@ -104,6 +104,7 @@ def test_the_table_is_recomputed_from_the_saved_per_pair_credits(tiny_ablations)
     assert "| DiNa-LRM (full) |" in (out / "ablations.md").read_text()
 
 
+@pytest.mark.slow
 def test_ablations_do_not_depend_on_how_runs_are_spread_and_never_overwrite(tiny_ablations, tmp_path):
     out, config, summary = tiny_ablations
     config = dataclasses.replace(config, workers=2, rows=config.rows[:1])

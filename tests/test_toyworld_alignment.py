@@ -147,7 +147,7 @@ def test_experiment_writes_its_report_for_every_run(tmp_path):
     tiny = {"max_steps": 2, "prompts_per_step": 2, "train_sampling_steps": 4, "eval_every": 1}
     config = ToyAlignmentConfig(
         seeds=[0, 1], data=PreferenceDataConfig(train_prompts=6, test_prompts=4, samples_per_prompt=2, corruptions_per_prompt=1),
-        reward_steps=2, reward_batch_size=4, train_prompts=8, num_val_prompts=2, num_test_prompts=3, renders_per_prompt=1, workers=1,
+        reward_steps=2, pixel_reward_steps=2, reward_batch_size=4, train_prompts=8, num_val_prompts=2, num_test_prompts=3, renders_per_prompt=1, workers=1,
         runs=list(RUNS), eval_sampling_steps=4,
         settings={"refl": {**tiny, "refl": {"stop_range": [2, 4]}},
                   "nft": {**tiny, "nft": {"group_size": 2, "updates_per_step": 2}},

@@ -190,6 +190,7 @@ def test_bf16_keeps_frozen_weights_in_bf16_and_trains_float32_ones(tmp_path, pip
         DiNaConfig.from_dict({"training": {"mixed_precision": "fp8"}})
 
 
+@pytest.mark.slow
 def test_two_processes_follow_one_process_with_the_doubled_batch(tmp_path, pipeline_dir):
     train_dir = separable_pairs(tmp_path / "train", 48)
     single = DiNaConfig.from_dict(raw_config(tmp_path, pipeline_dir, train_dir, training={"max_steps": 4},

@@ -110,6 +110,7 @@ def test_resumed_log_has_each_step_once(trained_run):
     assert steps == list(range(1, 9))
 
 
+@pytest.mark.slow
 def test_sigkill_during_training_then_resume_matches_the_uninterrupted_run(tmp_path, pipeline_dir):
     train_dir = separable_pairs(tmp_path / "train", 24)
     sections = dict(training={"max_steps": 30, "gradient_accumulation_steps": 2}, logging={"save_frac": 3, "log_every": 1})
