@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import ALIGN_PROMPTS as PROMPTS
+from helpers import ALIGN_PROMPTS as PROMPTS
 
 from dina_lrm.align.config import AlignConfig
 from dina_lrm.align.ema import EMA

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import reset_accelerate
+from helpers import reset_accelerate
 from dina_lrm import Scorer
 from dina_lrm.align.rewards import flow_grpo_latent_reward, flow_grpo_reward
 from dina_lrm.cli import main

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import TINY_MODEL
+from helpers import TINY_MODEL
 
 from dina_lrm.config import DiNaConfig
 from dina_lrm.data.loader import pair_loader

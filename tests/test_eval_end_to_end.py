@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_config
+from helpers import tiny_config
 from dina_lrm import DiNaLRM
 from dina_lrm.data.readers import read_dataset
 from dina_lrm.eval.official import official_accuracy

@@ -6,7 +6,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import make_latents, tiny_config
+from helpers import make_latents, tiny_config
 from dina_lrm import DiNaLRM
 from dina_lrm.data.records import PreferenceGroup, ReadReport
 from dina_lrm.eval.cost import scoring_flops

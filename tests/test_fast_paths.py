@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_latents, randomize_lora, tiny_config
+from helpers import make_latents, randomize_lora, tiny_config
 
 from dina_lrm import DiNaLRM, Scorer
 from dina_lrm_toyworld.benchmark import write_toy_benchmark

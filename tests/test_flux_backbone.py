@@ -11,7 +11,7 @@ from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DMode
 from dina_lrm import DiNaConfig, DiNaLRM
 from dina_lrm.models.flux import FluxBackbone, image_ids, pack_latents
 from dina_lrm.models.flux_text import FluxPromptEncoder
-from conftest import margin_before_and_after_one_step
+from helpers import margin_before_and_after_one_step
 from dina_lrm.testing.tiny_flux import TINY_FLUX, build_tiny_flux_pipeline
 
 MODEL = {"backbone_model_id": "black-forest-labs/FLUX.1-dev", "num_transformer_layers": 3, "visual_head_idx": [1, 3],

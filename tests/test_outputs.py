@@ -10,7 +10,7 @@ from test_align import make_config
 from test_data_prepare import generic_jsonl  # noqa: F401 (a fixture)
 from test_eval_end_to_end import benchmark, config  # noqa: F401 (a fixture)
 from test_eval_end_to_end import reward_dir as eval_reward_dir  # noqa: F401 (a fixture)
-from conftest import reset_accelerate
+from helpers import reset_accelerate
 from test_train import metrics, raw_config, separable_pairs
 
 from dina_lrm.align.trainer import Aligner

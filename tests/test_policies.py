@@ -11,7 +11,8 @@ import torch
 from diffusers import DDIMScheduler
 from peft import LoraConfig
 
-from conftest import ALIGN_PROMPTS, reset_accelerate, save_tiny_sd3_pipeline
+from dina_lrm.testing.tiny_sd3 import save_tiny_sd3_pipeline
+from helpers import ALIGN_PROMPTS, reset_accelerate
 from dina_lrm import DiNaConfig, DiNaLRM
 from dina_lrm.align.config import AlignConfig
 from dina_lrm.align.sampling import initial_noise, sample_ode

@@ -13,7 +13,7 @@ from dina_lrm import DiNaConfig, DiNaLRM
 from dina_lrm.data.images import vae_decode, vae_encode, vae_scale_factor
 from dina_lrm.models.qwenimage import QwenImageBackbone
 from dina_lrm.models.qwenimage_text import QwenImagePromptEncoder
-from conftest import margin_before_and_after_one_step
+from helpers import margin_before_and_after_one_step
 from dina_lrm.testing.tiny_qwenimage import build_tiny_qwenimage_pipeline
 
 MODEL = {"backbone_model_id": "Qwen/Qwen-Image", "num_transformer_layers": 3, "visual_head_idx": [1, 3], "text_head_idx": [1, 2],

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_latents, randomize_lora, tiny_config
+from helpers import make_latents, randomize_lora, tiny_config
 from peft import PeftModel
 
 from dina_lrm import CheckpointError, DiNaLRM

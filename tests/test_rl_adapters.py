@@ -5,7 +5,7 @@ import socket
 import numpy as np
 import pytest
 import torch
-from conftest import make_latents
+from helpers import make_latents
 
 from dina_lrm import Scorer
 from dina_lrm.align.rewards import flow_grpo_latent_reward, flow_grpo_reward

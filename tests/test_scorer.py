@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import make_latents, randomize_lora, tiny_config
+from helpers import make_latents, randomize_lora, tiny_config
 from PIL import Image
 
 from dina_lrm import DiNaConfig, DiNaLRM, Scorer

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import randomize_lora, tiny_config
+from helpers import randomize_lora, tiny_config
 
 from dina_lrm import DiNaLRM, Scorer
 from dina_lrm.pipelines import load_pipeline

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 import torch
-from conftest import make_latents, tiny_config
+from helpers import make_latents, tiny_config
 from safetensors.torch import save as save_tensors
 
 from dina_lrm.serve.client import RewardClient, RewardServerError

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_latents
+from helpers import make_latents
 from safetensors.torch import save as save_tensors
 
 from dina_lrm.serve import server as server_module

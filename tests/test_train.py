@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY_MODEL, reset_accelerate
+from helpers import TINY_MODEL, reset_accelerate
 from safetensors.torch import load_file
 
 from dina_lrm.config import ConfigError, DiNaConfig, load_config

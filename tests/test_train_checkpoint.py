@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from conftest import reset_accelerate
+from helpers import reset_accelerate
 from test_train import metrics, raw_config, separable_pairs
 
 from dina_lrm.config import DiNaConfig

@@ -2,7 +2,7 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config
 
 from dina_lrm import DiNaLRM
 from dina_lrm.data.shards import PairTable

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from dina_lrm import DiNaConfig, DiNaLRM
 from dina_lrm.models.zimage import ZImageBackbone, patchify
 from dina_lrm.models.zimage_text import ZImagePromptEncoder
-from conftest import margin_before_and_after_one_step
+from helpers import margin_before_and_after_one_step
 from dina_lrm.testing.tiny_zimage import TINY_ZIMAGE, build_tiny_zimage_pipeline
 
 MODEL = {"backbone_model_id": "Tongyi-MAI/Z-Image-Turbo", "num_transformer_layers": 3, "visual_head_idx": [1, 3], "text_head_idx": [2, 3],
