@@ -157,3 +157,20 @@ class TestBadInput:
     def test_missing_generator_directory(self, reward_dir, tmp_path):
         with pytest.raises(OSError, match="cannot load the generator pipeline"):
             Scorer.from_pretrained(reward_dir, tmp_path / "no-such-model")
+
+
+def test_a_scorer_without_text_encoders_loads_none_and_scores_embeddings_as_the_full_one(reward_dir, pipeline_dir, scorer):
+    """RL trainers pass the policy's prompt embeddings: the scorer need not load CLIP or T5 at all."""
+    lean = Scorer.from_pretrained(reward_dir, pipeline_dir, text_encoders=False)
+    assert lean.prompt_encoder is None
+    latents, prompts = make_latents(2), ["a red circle", "a blue square"]
+    states, pooled = scorer.prompt_encoder(prompts)
+    full = scorer.score(prompts, latents=latents, seed=3).raw
+    torch.testing.assert_close(lean.score(latents=latents, prompt_embeds=states, pooled_prompt_embeds=pooled, seed=3).raw, full)
+    with pytest.raises(ValueError, match="no text encoders.*pass prompt_embeds"):
+        lean.score(prompts, latents=latents)
+    from dina_lrm.pipelines import load_pipeline
+    from dina_lrm.scorer import TEXT_COMPONENTS
+
+    pipe = load_pipeline(pipeline_dir, skip=TEXT_COMPONENTS)
+    assert all(getattr(pipe, name) is None for name in TEXT_COMPONENTS) and pipe.vae is not None

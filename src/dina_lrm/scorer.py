@@ -21,6 +21,8 @@ from dina_lrm.pipelines import load_pipeline
 SCORE_OFFSET, SCORE_SCALE = 10.0, 10.0
 VAE_BATCH = 16  # images per VAE encoder pass
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the backbone under autocast, the head in the model's dtype
+# What a scorer without text encoders leaves out of its pipeline (FLUX and the others have a subset).
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
 
 
 def normalize_score(raw: torch.Tensor) -> torch.Tensor:
@@ -53,7 +55,7 @@ class Scorer:
     and every level and draw runs through the backbone as one batch.
     """
 
-    def __init__(self, model: DiNaLRM, prompt_encoder: CachedPromptEncoder, sigma_table: SigmaTable, vae=None,
+    def __init__(self, model: DiNaLRM, prompt_encoder: CachedPromptEncoder | None, sigma_table: SigmaTable, vae=None,
                  max_batch_items: int | None = None):
         self.model = model.eval()
         self.prompt_encoder = prompt_encoder
@@ -62,18 +64,23 @@ class Scorer:
         self.max_batch_items = max_batch_items  # latents per backbone pass of an ensemble (DiNaLRM.forward_ensemble)
 
     @classmethod
-    def from_model(cls, model: DiNaLRM, pipe, max_sequence_length: int | None = None, max_batch_items: int | None = None) -> Scorer:
+    def from_model(cls, model: DiNaLRM, pipe, max_sequence_length: int | None = None, max_batch_items: int | None = None,
+                   text_encoders: bool = True) -> Scorer:
         """A scorer around an in-memory model, with ``pipe``'s text encoders, VAE and sigma table.
         ``max_sequence_length``: T5 tokens; by default the number the model was trained with.
-        ``max_batch_items``: see :meth:`DiNaLRM.forward_ensemble` (default: one level's batch per pass)."""
-        length = text_length(model, max_sequence_length)
-        encoder = prompt_encoder_for(pipe.transformer).from_pipeline(pipe, max_sequence_length=length)
+        ``max_batch_items``: see :meth:`DiNaLRM.forward_ensemble` (default: one level's batch per pass).
+        ``text_encoders=False``: no prompt encoder; the caller passes prompt embeddings."""
+        encoder = None
+        if text_encoders:
+            length = text_length(model, max_sequence_length)
+            encoder = prompt_encoder_for(pipe.transformer).from_pipeline(pipe, max_sequence_length=length)
         return cls(model, encoder, SigmaTable.from_scheduler(pipe.scheduler), vae=pipe.vae, max_batch_items=max_batch_items)
 
     @classmethod
     def from_pipeline(cls, reward_dir: str | Path, pipe, max_sequence_length: int | None = None,
-                      max_batch_items: int | None = None) -> Scorer:
-        return cls.from_model(DiNaLRM.from_pretrained(reward_dir, pipe.transformer), pipe, max_sequence_length, max_batch_items)
+                      max_batch_items: int | None = None, text_encoders: bool = True) -> Scorer:
+        return cls.from_model(DiNaLRM.from_pretrained(reward_dir, pipe.transformer), pipe, max_sequence_length, max_batch_items,
+                              text_encoders)
 
     @classmethod
     def from_pretrained(
@@ -87,18 +94,21 @@ class Scorer:
         max_batch_items: int | None = None,
         autocast: str | None = None,
         compile: bool = False,
+        text_encoders: bool = True,
     ) -> Scorer:
         """``pipeline_or_model_id``: a loaded diffusers pipeline, a local pipeline directory or a hub id.
         ``autocast``: "bf16" or "fp16" runs the backbone in half precision, the head in ``dtype``;
-        ``compile``: ``torch.compile`` the kept blocks (docs/performance.md measures both)."""
+        ``compile``: ``torch.compile`` the kept blocks (docs/performance.md measures both);
+        ``text_encoders=False``: the pipeline loads without its text encoders and tokenizers (CLIP, T5,
+        Qwen2.5-VL...), for callers that pass prompt embeddings (RL trainers, verl-omni's protocol)."""
         if autocast is not None and autocast not in AUTOCAST:
             raise ValueError(f"unknown autocast {autocast!r}; choose one of {sorted(AUTOCAST)}")
         reward_dir = open_directory(reward_dir, checksums=False)  # a wrong path fails before the generator loads
         pipe = pipeline_or_model_id
         if isinstance(pipe, (str, Path)):
-            pipe = load_pipeline(pipe, dtype)
+            pipe = load_pipeline(pipe, dtype, skip=() if text_encoders else TEXT_COMPONENTS)
         pipe.to(device)
-        scorer = cls.from_pipeline(reward_dir, pipe, max_sequence_length, max_batch_items)
+        scorer = cls.from_pipeline(reward_dir, pipe, max_sequence_length, max_batch_items, text_encoders)
         scorer.model.enable_autocast(AUTOCAST[autocast] if autocast else None)
         if compile:
             scorer.model.compile_blocks()
@@ -205,6 +215,9 @@ class Scorer:
         if prompts is not None:
             if prompt_embeds is not None or pooled_prompt_embeds is not None:
                 raise ValueError("pass prompts or prompt_embeds + pooled_prompt_embeds, not both")
+            if self.prompt_encoder is None:
+                raise ValueError("this scorer has no text encoders (built with text_encoders=False): pass prompt_embeds "
+                                 "and pooled_prompt_embeds instead of prompts")
             return self.prompt_encoder(_match_prompts(prompts, count))
         if isinstance(prompt_embeds, (list, tuple)):  # Z-Image's pipeline: one (tokens, width) tensor per prompt
             prompt_embeds, pooled_prompt_embeds = padded_with_mask(prompt_embeds)
