@@ -195,3 +195,17 @@ def test_efficiency_finds_where_dina_reaches_the_pixel_rewards_best_gain():
     final = efficiency({"ReFL + pixel reward": pixel, "ReFL + DiNa-LRM": dina}, "ReFL")  # the pixel reward's last evaluation: +0.02
     assert final["pixel_best_gain"] == pytest.approx(0.02) and final["dina_step_to_reach"] == 5
     assert efficiency({"ReFL + DiNa-LRM": dina}, "ReFL") is None
+
+
+def test_the_toy_world_commands_run_through_the_cli_entry_points(tmp_path, capsys):
+    """`dina-lrm toyworld bias` and `toyworld benchmark` at tiny size, dispatched through the entry point
+    the toy world registers (the demo, align and ablations commands run their tiny tests elsewhere)."""
+    from dina_lrm.cli import main
+
+    tiny = ["--set", "generator_steps=2", "--set", "dataset_size=8", "--set", "generator_batch=4", "--set", "save_dtype=float32"]
+    assert main(["toyworld", "bias", "--out", str(tmp_path / "biased"), *tiny]) == 0
+    assert load_pipeline(tmp_path / "biased").transformer is not None
+    assert main(["toyworld", "benchmark", "--out", str(tmp_path / "bench"), "--prompts", "2", "--images-per-prompt", "2"]) == 0
+    rows = json.loads((tmp_path / "bench" / "test.json").read_text())
+    assert len(rows) == 2 and all(len(row["image_path"]) == 2 for row in rows)
+    assert "Wrote the biased toy generator" in capsys.readouterr().out

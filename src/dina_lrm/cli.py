@@ -12,7 +12,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import dina_lrm
-from dina_lrm.config import DTYPE_NAMES, IMAGE_U, add_config_arguments, load_settings, parse_levels
+from dina_lrm.config import AUTOCAST_NAMES, DTYPE_NAMES, IMAGE_U, add_config_arguments, load_settings, parse_levels
 from dina_lrm.data.config import PrepareConfig
 from dina_lrm.eval.config import EvalConfig
 from dina_lrm.serve.config import ServeConfig
@@ -64,7 +64,8 @@ def run_score(args) -> int:
     if args.toy:
         if args.reward or args.model:
             raise ValueError("--toy picks the shipped toy reward model and generator; leave out --reward and --model")
-        args.reward, args.model = toy_models()["reward"], toy_models()["model"]
+        toy = toy_models()
+        args.reward, args.model = toy["reward"], toy["model"]
     elif not (args.reward and args.model):
         raise ValueError("give --reward DIR (or hub id) and --model (its generator), or --toy")
     from dina_lrm.pipelines import DTYPES
@@ -215,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--seed", type=int, default=0)
     score.add_argument("--device", default="cpu")
     score.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
-    score.add_argument("--autocast", choices=["bf16", "fp16"], help="run the backbone in half precision, the head in --dtype")
+    score.add_argument("--autocast", choices=AUTOCAST_NAMES, help="run the backbone in half precision, the head in --dtype")
     score.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: the number the reward model was trained with)")
     score.add_argument("--json", action="store_true", help="machine-readable output")
     score.set_defaults(func=run_score)

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
+from dina_lrm.config import AUTOCAST_NAMES
 from dina_lrm.data.images import center_crop_to_multiple, load_images, vae_encode, vae_scale_factor
-from dina_lrm.models.backbones import prompt_encoder_for
 from dina_lrm.losses import pair_probability, thurstone_variance
+from dina_lrm.models.backbones import prompt_encoder_for
 from dina_lrm.models.checkpoint import open_directory
 from dina_lrm.models.prompt_cache import CachedPromptEncoder, padded_with_mask
 from dina_lrm.models.reward_model import DiNaLRM
@@ -20,7 +21,7 @@ from dina_lrm.pipelines import load_pipeline
 
 SCORE_OFFSET, SCORE_SCALE = 10.0, 10.0
 VAE_BATCH = 16  # images per VAE encoder pass
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the backbone under autocast, the head in the model's dtype
+AUTOCAST = dict(zip(AUTOCAST_NAMES, (torch.bfloat16, torch.float16)))  # the backbone's half precision; the head keeps its own
 # What a scorer without text encoders leaves out of its pipeline (FLUX and the others have a subset).
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
 
@@ -184,8 +185,8 @@ class Scorer:
             for index, group in groups:
                 noise = self._draw_noise((n_draws, len(sigmas)) + tuple(group.shape[1:]), index, seeds, generator)
                 raw[index] = self._score_latents(group, states[index], pooled[index], sigmas, timesteps, noise).to(out_dtype)
-        bad = (~torch.isfinite(raw.detach())).nonzero().flatten().tolist()
-        if bad and not allow_nonfinite:
+        if not allow_nonfinite and not torch.isfinite(raw.detach()).all():
+            bad = (~torch.isfinite(raw.detach())).nonzero().flatten().tolist()
             raise NonFiniteScoreError(f"the reward model returned NaN or inf for item(s) {bad[:5]} of {count}, whose inputs are "
                                       f"finite: latents far outside the VAE's range, or {self.model.dtype} too narrow for them")
         return ScoreResult(raw=raw, normalized=normalize_score(raw), sigmas=sigmas, thurstone_std=thurstone_variance(sigmas).sqrt())

@@ -6,10 +6,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from dina_lrm.config import DTYPE_NAMES, LATENT_U, from_dict, setting
+from dina_lrm.config import AUTOCAST_NAMES, DTYPE_NAMES, LATENT_U, from_dict, setting
 
 API_KEY_ENV = "DINA_LRM_API_KEY"
-AUTOCAST_NAMES = ("bf16", "fp16")
 
 
 @dataclass
