@@ -13,7 +13,7 @@ from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel, SD3Tr
 
 from dina_lrm import DiNaConfig, DiNaLRM
 from dina_lrm.eval.cost import scoring_flops
-from dina_lrm.eval.reward_fn import Setting
+from dina_lrm.rewards import Setting
 
 SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
                    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,

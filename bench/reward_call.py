@@ -32,7 +32,7 @@ from midsize import LATENT_SHAPE, build_model, sd3_prompt_encoder, text_flops
 from dina_lrm import DiNaConfig, DiNaLRM, Scorer
 from dina_lrm.data.images import vae_decode, vae_encode
 from dina_lrm.eval.cost import scoring_flops
-from dina_lrm.eval.reward_fn import Setting
+from dina_lrm.rewards import Setting
 from dina_lrm.noise import SigmaTable, add_noise
 
 GROUP = 8

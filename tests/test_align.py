@@ -12,7 +12,7 @@ import torch
 from dina_lrm.align.advantages import group_advantages
 from dina_lrm.align.config import AlignConfig
 from dina_lrm.align.methods.grpo import clipped_policy_loss
-from dina_lrm.align.rewards import DecodedImageReward
+from dina_lrm.rewards import DecodedReward, FunctionReward
 from dina_lrm.align.sampling import initial_noise, sample_ode, sample_sde
 from dina_lrm.align.sde import gaussian_kl, sde_step
 from dina_lrm.align.trainer import Aligner
@@ -235,7 +235,8 @@ class TestBadConfigs:
 
     def test_reward_returning_nan(self, pipeline_dir, reward_dir, prompt_file, tmp_path):
         aligner = Aligner(make_config(pipeline_dir, reward_dir, prompt_file, tmp_path))
-        aligner.rewards = [DecodedImageReward(aligner.pipe.vae, lambda images, prompts, metadata: (torch.full((len(prompts),), float("nan")), {}), "nan")]
+        nan = FunctionReward(lambda images, prompts, metadata: (torch.full((len(prompts),), float("nan")), {}), "nan")
+        aligner.rewards = [DecodedReward(aligner.pipe.vae, nan)]
         with pytest.raises(ValueError, match="NaN"):
             aligner.train_step()
 

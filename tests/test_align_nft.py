@@ -88,7 +88,7 @@ def test_the_old_policy_decays_by_hand():
         old.update(step)
         decay = 0.001 * step
         expected = decay * expected + (1 - decay) * torch.tensor(value)
-    torch.testing.assert_close(old.shadow[0], expected)
+    torch.testing.assert_close(old.shadow_params[0], expected)
 
 
 def test_training_timesteps_take_a_share_of_the_schedule_per_sample():

@@ -103,7 +103,7 @@ def test_ema_by_hand():
         ema.update(step)
         if step % 2 == 0:
             history.append(0.9 * history[-1] + 0.1 * torch.tensor(value))
-    torch.testing.assert_close(ema.shadow[0], history[-1])  # 0.9 (0.9 w0 + 0.1 w2) + 0.1 w4
+    torch.testing.assert_close(ema.shadow_params[0], history[-1])  # 0.9 (0.9 w0 + 0.1 w2) + 0.1 w4
     with ema.applied():
         torch.testing.assert_close(weight.data, history[-1])
     torch.testing.assert_close(weight.data, torch.tensor([9.0, 4.0]))
@@ -164,7 +164,7 @@ def test_refl_resume_equals_an_uninterrupted_run(pipeline_dir, reward_dir, promp
     history = resumed.run()
     for key, value in straight.lora_state().items():
         torch.testing.assert_close(resumed.lora_state()[key], value, rtol=1e-5, atol=1e-6)
-    for average, expected in zip(resumed.ema.shadow, straight.ema.shadow):
+    for average, expected in zip(resumed.ema.shadow_params, straight.ema.shadow_params):
         torch.testing.assert_close(average, expected, rtol=1e-5, atol=1e-6)
     assert [r["reward_mean"] for r in history[1:]] == pytest.approx([r["reward_mean"] for r in straight.history[1:]], abs=1e-5)
     assert [r["stop_index"] for r in history[1:]] == [r["stop_index"] for r in straight.history[1:]]

@@ -11,7 +11,7 @@ from PIL import Image
 
 from helpers import reset_accelerate
 from dina_lrm import Scorer
-from dina_lrm.align.rewards import flow_grpo_latent_reward, flow_grpo_reward
+from dina_lrm.rewards import flow_grpo_latent_reward, flow_grpo_reward
 from dina_lrm.cli import main
 from dina_lrm.config import DiNaConfig
 from dina_lrm.data.prepare import PrepareConfig, prepare

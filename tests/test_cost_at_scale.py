@@ -5,7 +5,7 @@ from torch import nn
 
 from dina_lrm import DiNaConfig, DiNaLRM
 from dina_lrm.eval.cost import module_cost, scoring_flops
-from dina_lrm.eval.reward_fn import Setting
+from dina_lrm.rewards import Setting
 
 BF16 = 2
 

@@ -20,7 +20,7 @@ from dina_lrm import DiNaLRM
 from dina_lrm.data.readers import read_dataset
 from dina_lrm.eval.official import official_accuracy
 from dina_lrm.eval.protocol import PairIndex
-from dina_lrm.eval.reward_fn import ImageRewardFn
+from dina_lrm.rewards import FunctionReward
 from dina_lrm.eval.runner import EvalConfig, evaluate
 from dina_lrm_toyworld.benchmark import competition_ranks, write_toy_benchmark
 from dina_lrm_toyworld.judge import Judge
@@ -44,7 +44,7 @@ def reward_dir(pipeline_dir, tmp_path_factory):
 
 def judge_reward():
     judge = Judge()
-    return ImageRewardFn("judge", lambda prompts, images: [round(judge(np.asarray(i), p).score, 2) for p, i in zip(prompts, images)])
+    return FunctionReward(lambda images, prompts, metadata: [round(judge(np.asarray(i), p).score, 2) for p, i in zip(prompts, images)], "judge")
 
 
 def config(benchmark, reward_dir, pipeline_dir, out, **overrides):
@@ -121,7 +121,7 @@ def test_missing_images_refuse_unless_skipped(benchmark, reward_dir, pipeline_di
 
 
 def test_bad_reward_outputs_and_empty_benchmarks_are_refused(benchmark, reward_dir, pipeline_dir, tmp_path):
-    nan = ImageRewardFn("nan", lambda prompts, images: [float("nan")] * len(images))
+    nan = FunctionReward(lambda images, prompts, metadata: [float("nan")] * len(images), "nan")
     with pytest.raises(FloatingPointError, match="nan returned NaN"):
         evaluate(EvalConfig(format="hpdv2", input=str(benchmark), out=str(tmp_path / "n"), **FAST), reward_fns=[nan])
     ties = tmp_path / "ties.json"
@@ -180,10 +180,10 @@ def test_cli_reads_yaml_flags_override_and_extra_rewards_join_the_table(benchmar
 
     rewards = tmp_path / "my_rewards.py"
     rewards.write_text(
-        "from dina_lrm.eval.reward_fn import ImageRewardFn\n"
+        "from dina_lrm.rewards import FunctionReward\n"
         "import numpy as np\n"
         "def brightness():\n"
-        "    return ImageRewardFn('brightness', lambda prompts, images: [float(np.asarray(i).mean()) for i in images])\n"
+        "    return FunctionReward(lambda images, prompts, metadata: [float(np.asarray(i).mean()) for i in images], 'brightness')\n"
     )
     yaml_config = tmp_path / "eval.yaml"
     yaml_config.write_text(f"format: hpdv2\ninput: {benchmark}\nout: {tmp_path / 'ignored'}\nbootstrap_resamples: 50\n")
@@ -206,7 +206,7 @@ def test_pickapic_official_metric_scores_the_human_ties_too(tmp_path):
     rows = {"caption": ["a", "b", "c"], "jpg_0": [shades["light"], shades["dark"], shades["mid"]],
             "jpg_1": [shades["dark"], shades["light"], shades["mid"]], "label_0": [1.0, 1.0, 0.5], "label_1": [0.0, 0.0, 0.5]}
     pq.write_table(pa.table(rows), tmp_path / "test_unique-00000-of-00001.parquet")
-    brightness = ImageRewardFn("brightness", lambda prompts, images: [float(np.asarray(i).mean()) / 255 for i in images])
+    brightness = FunctionReward(lambda images, prompts, metadata: [float(np.asarray(i).mean()) / 255 for i in images], "brightness")
     summary = evaluate(EvalConfig(format="pickapic", input=str(tmp_path), split="test_unique", out=str(tmp_path / "out"),
                                   bootstrap_resamples=20), reward_fns=[brightness])
     entry = summary["settings"]["brightness"]
@@ -218,7 +218,7 @@ def test_pickapic_official_metric_scores_the_human_ties_too(tmp_path):
 
 
 def test_imagereward_and_genai_bench_official_metrics_in_their_layouts(tmp_path):
-    brightness = ImageRewardFn("brightness", lambda prompts, images: [float(np.asarray(i).mean()) / 255 for i in images])
+    brightness = FunctionReward(lambda images, prompts, metadata: [float(np.asarray(i).mean()) / 255 for i in images], "brightness")
     for name, level in (("dark", 40), ("mid", 120), ("light", 200)):
         (tmp_path / f"{name}.png").write_bytes(_png((level, level, level)))
     # ImageReward test.json: brightness agrees with (light, mid, dark) = ranks (1, 2, 3) on all 3 pairs of prompt 0;

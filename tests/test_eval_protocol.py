@@ -11,7 +11,7 @@ from dina_lrm import DiNaLRM
 from dina_lrm.data.records import PreferenceGroup, ReadReport
 from dina_lrm.eval.cost import scoring_flops
 from dina_lrm.eval.protocol import Census, PairIndex, accuracy_summary, calibration
-from dina_lrm.eval.reward_fn import DiNaRewardFn, Setting
+from dina_lrm.rewards import DiNaReward, Setting
 from dina_lrm.eval.runner import make_batches, without_images
 from dina_lrm.scorer import Scorer
 
@@ -98,15 +98,15 @@ def scorer(pipe):
     return Scorer.from_model(model, pipe, max_sequence_length=16)
 
 
-def test_dina_reward_fn_matches_the_scorer_for_each_setting(scorer):
+def test_the_dina_reward_matches_the_scorer_for_each_setting_and_shape(scorer):
     latents = list(make_latents(3, seed=1)) + list(make_latents(2, size=16, seed=2))
     prompts = ["a red circle", "two blue squares", "a cat", "a dog", "a green triangle"]
     for setting in (Setting((0.3,)), Setting((0.4,), 3), Setting((0.2, 0.6))):
-        scores = DiNaRewardFn(scorer, setting)(prompts, latents, seed=7)
+        scores = DiNaReward(scorer, setting)(latents, prompts, seed=7).tolist()
         small = scorer.score(prompts[:3], latents=torch.stack(latents[:3]), noise_levels=list(setting.levels), n_draws=setting.draws, seed=7 * 1009)
         large = scorer.score(prompts[3:], latents=torch.stack(latents[3:]), noise_levels=list(setting.levels), n_draws=setting.draws, seed=7 * 1009 + 1)
         assert scores == pytest.approx(small.raw.tolist() + large.raw.tolist(), abs=1e-6)
-    assert DiNaRewardFn(scorer, Setting((0.3,)))(prompts, latents, seed=7) != DiNaRewardFn(scorer, Setting((0.3,)))(prompts, latents, seed=8)
+    assert not torch.equal(DiNaReward(scorer, Setting((0.3,)))(latents, prompts, seed=7), DiNaReward(scorer, Setting((0.3,)))(latents, prompts, seed=8))
 
 
 @pytest.mark.parametrize("levels,draws", [((0.5,), 1), ((0.2, 0.5, 0.8), 2)])

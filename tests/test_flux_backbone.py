@@ -158,7 +158,7 @@ def test_analytic_flops_equal_torch_flop_counter_for_flux(transformer):
     from torch.utils.flop_counter import FlopCounterMode
 
     from dina_lrm.eval.cost import scoring_flops
-    from dina_lrm.eval.reward_fn import Setting
+    from dina_lrm.rewards import Setting
 
     model = DiNaLRM(DiNaConfig.from_dict({"model": MODEL}), transformer).eval()
     latents, context, pooled, _ = inputs(batch=1, tokens=5)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dina_lrm import Scorer
-from dina_lrm.align.rewards import flow_grpo_latent_reward, flow_grpo_reward
+from dina_lrm.rewards import flow_grpo_latent_reward, flow_grpo_reward
 
 PROMPTS = [f"{count} {colour} {shape}" for count in ("a", "two") for colour in ("red", "blue", "green") for shape in ("circle", "square")]
 

@@ -129,7 +129,7 @@ def test_analytic_flops_equal_torch_flop_counter(pipe):
     from torch.utils.flop_counter import FlopCounterMode
 
     from dina_lrm.eval.cost import scoring_flops
-    from dina_lrm.eval.reward_fn import Setting
+    from dina_lrm.rewards import Setting
 
     model = DiNaLRM(DiNaConfig.from_dict({"model": MODEL}), copy.deepcopy(pipe.transformer)).eval()
     states, mask = torch.randn(1, 40, 32), torch.ones(1, 40)

@@ -8,7 +8,7 @@ import torch
 from helpers import make_latents
 
 from dina_lrm import Scorer
-from dina_lrm.align.rewards import flow_grpo_latent_reward, flow_grpo_reward
+from dina_lrm.rewards import flow_grpo_latent_reward, flow_grpo_reward
 
 
 @pytest.fixture(scope="module")

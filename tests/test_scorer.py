@@ -174,3 +174,27 @@ def test_a_scorer_without_text_encoders_loads_none_and_scores_embeddings_as_the_
 
     pipe = load_pipeline(pipeline_dir, skip=TEXT_COMPONENTS)
     assert all(getattr(pipe, name) is None for name in TEXT_COMPONENTS) and pipe.vae is not None
+
+
+def test_a_model_missing_what_the_scorer_calls_is_refused_when_the_scorer_is_built(scorer):
+    """The LPO baseline once overrode forward_ensemble without max_batch_items and failed at its first
+    score; a Scorer now checks its model's protocol when it is built."""
+
+    class Stale(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        config = property(lambda self: self.model.config)
+        base_backbone = property(lambda self: self.model.base_backbone)
+        device = property(lambda self: self.model.device)
+        dtype = property(lambda self: self.model.dtype)
+        check_latents = enable_autocast = compile_blocks = lambda self, *a, **k: None
+
+        def forward_ensemble(self, latents, encoder_hidden_states, pooled_projections, timesteps):
+            return self.model.forward_ensemble(latents, encoder_hidden_states, pooled_projections, timesteps)
+
+    with pytest.raises(TypeError, match="forward_ensemble must take max_batch_items"):
+        Scorer(Stale(scorer.model), scorer.prompt_encoder, scorer.sigma_table)
+    with pytest.raises(TypeError, match=r"Linear is not a latent reward model a Scorer can call: it lacks \['config', 'base_backbone'"):
+        Scorer(torch.nn.Linear(2, 2), scorer.prompt_encoder, scorer.sigma_table)

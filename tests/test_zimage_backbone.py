@@ -169,7 +169,7 @@ def test_analytic_flops_equal_torch_flop_counter(pipe):
     from torch.utils.flop_counter import FlopCounterMode
 
     from dina_lrm.eval.cost import scoring_flops
-    from dina_lrm.eval.reward_fn import Setting
+    from dina_lrm.rewards import Setting
 
     model = DiNaLRM(DiNaConfig.from_dict({"model": MODEL}), copy.deepcopy(pipe.transformer)).eval()
     states, mask = torch.randn(1, 40, 24), torch.ones(1, 40)  # 40 caption tokens, padded to 64; 4 x 3 patches, padded to 32

@@ -38,18 +38,21 @@ _EXPORTS = {
     # evaluation
     "EvalConfig": "dina_lrm.eval.config",
     "evaluate": "dina_lrm.eval.runner",
-    "RewardFn": "dina_lrm.eval.reward_fn",
-    "ImageRewardFn": "dina_lrm.eval.reward_fn",
     # serving
     "ServeConfig": "dina_lrm.serve.config",
     "RewardClient": "dina_lrm.serve.client",
+    # the reward protocol and its adapters
+    "Reward": "dina_lrm.rewards",
+    "Setting": "dina_lrm.rewards",
+    "DiNaReward": "dina_lrm.rewards",
+    "FunctionReward": "dina_lrm.rewards",
+    "DecodedReward": "dina_lrm.rewards",
+    "flow_grpo_reward": "dina_lrm.rewards",
+    "flow_grpo_latent_reward": "dina_lrm.rewards",
     # alignment, search and the rewards other trainers call
     "AlignConfig": "dina_lrm.align.config",
     "Aligner": "dina_lrm.align.trainer",
-    "AlignReward": "dina_lrm.align.rewards",
-    "RewardSpec": "dina_lrm.align.rewards",
-    "flow_grpo_reward": "dina_lrm.align.rewards",
-    "flow_grpo_latent_reward": "dina_lrm.align.rewards",
+    "RewardSpec": "dina_lrm.align.reward_spec",
     "SearchConfig": "dina_lrm.search",
     "Searcher": "dina_lrm.search",
 }

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -29,6 +31,41 @@ TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenize
 def normalize_score(raw: torch.Tensor) -> torch.Tensor:
     """The scale users read: ``(raw + 10) / 10``."""
     return (raw + SCORE_OFFSET) / SCORE_SCALE
+
+
+@runtime_checkable
+class LatentRewardModel(Protocol):
+    """What a :class:`Scorer` calls on its model. :class:`DiNaLRM` is one; another latent reward model
+    (e.g. one built around a DiNaLRM's backbone with its own head) scores through a Scorer by
+    providing these."""
+
+    config: object  # a DiNaConfig: the loss (model.model_type), training.add_noise, the trained T5 length
+    base_backbone: torch.nn.Module  # patch_size, pooled_width
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def check_latents(self, latents: torch.Tensor) -> None: ...
+
+    def forward_ensemble(self, latents, encoder_hidden_states, pooled_projections, timesteps,
+                         max_batch_items: int | None = None) -> torch.Tensor: ...
+
+    def enable_autocast(self, dtype: torch.dtype | None) -> None: ...
+
+    def compile_blocks(self, **options) -> None: ...
+
+
+def check_reward_model(model) -> None:
+    """A one-line error when ``model`` lacks what a Scorer calls (checked once, not at the first score)."""
+    if not isinstance(model, LatentRewardModel):
+        missing = [name for name in ("config", "base_backbone", "device", "dtype", "check_latents", "forward_ensemble",
+                                     "enable_autocast", "compile_blocks") if not hasattr(model, name)]
+        raise TypeError(f"{type(model).__name__} is not a latent reward model a Scorer can call: it lacks {missing}")
+    if "max_batch_items" not in inspect.signature(model.forward_ensemble).parameters:
+        raise TypeError(f"{type(model).__name__}.forward_ensemble must take max_batch_items (see DiNaLRM.forward_ensemble)")
 
 
 class NonFiniteScoreError(FloatingPointError):
@@ -56,8 +93,9 @@ class Scorer:
     and every level and draw runs through the backbone as one batch.
     """
 
-    def __init__(self, model: DiNaLRM, prompt_encoder: CachedPromptEncoder | None, sigma_table: SigmaTable, vae=None,
+    def __init__(self, model: LatentRewardModel, prompt_encoder: CachedPromptEncoder | None, sigma_table: SigmaTable, vae=None,
                  max_batch_items: int | None = None):
+        check_reward_model(model)
         self.model = model.eval()
         self.prompt_encoder = prompt_encoder
         self.sigma_table = sigma_table

@@ -28,7 +28,8 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 from tqdm.auto import tqdm
 
-from dina_lrm.align.rewards import AlignReward, weight_sharing_copy
+from dina_lrm.align.reward_spec import weight_sharing_copy
+from dina_lrm.rewards import Reward
 from dina_lrm.align.sampling import initial_noise, noisy_step
 from dina_lrm.data.images import vae_decode
 from dina_lrm.models.backbones import backbone_name, policy_for
@@ -92,7 +93,7 @@ class Searcher:
     of the same generator; it scores the checkpoints and, unless ``final_reward`` (an alignment reward:
     ``reward(latents, prompts, seed)``) is given, the end)."""
 
-    def __init__(self, pipe, scorer: Scorer, config: SearchConfig, final_reward: AlignReward | None = None):
+    def __init__(self, pipe, scorer: Scorer, config: SearchConfig, final_reward: Reward | None = None):
         config.validate()
         if any("lora_" in name for name, _ in pipe.transformer.named_parameters()):
             raise ValueError("the pipeline's transformer carries LoRA layers (a reward built on it?): the generator would sample "
@@ -109,7 +110,7 @@ class Searcher:
         self.checkpoints = self._checkpoint_steps()
 
     @classmethod
-    def from_pretrained(cls, reward_dir, pipe, config: SearchConfig, final_reward: AlignReward | None = None) -> Searcher:
+    def from_pretrained(cls, reward_dir, pipe, config: SearchConfig, final_reward: Reward | None = None) -> Searcher:
         """The DiNa-LRM of ``reward_dir`` on a weight-sharing copy of ``pipe``'s transformer (its LoRA
         never reaches the generator; the weights exist once)."""
         model = DiNaLRM.from_pretrained(reward_dir, weight_sharing_copy(pipe.transformer))

@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextModelWithProjection
 
 from dina_lrm.align.config import AlignConfig
-from dina_lrm.align.rewards import RewardSpec, build_reward
+from dina_lrm.align.reward_spec import RewardSpec, build_reward
 from dina_lrm.align.trainer import Aligner
 from dina_lrm.data.shards import PairRecord, load_preference_shards, write_preference_shards
 from dina_lrm.eval.cost import count_flops

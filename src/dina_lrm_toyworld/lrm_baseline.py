@@ -35,13 +35,34 @@ class PooledCosineHead(nn.Module):
         return cosine[:, None]
 
 
-class PooledCosineLRM(DiNaLRM):
-    """DiNa-LRM's backbone (blocks, LoRA) under LPO's head: scores are cosines in [-1, 1]."""
+class PooledCosineLRM(nn.Module):
+    """DiNa-LRM's backbone (blocks, LoRA, input checks) under LPO's head: scores are cosines in [-1, 1].
+    It holds a :class:`DiNaLRM` for its backbone (whose own head stays frozen and unused) and scores
+    through a :class:`~dina_lrm.scorer.Scorer` as any :class:`~dina_lrm.scorer.LatentRewardModel`."""
 
     def __init__(self, config, transformer: nn.Module):
-        super().__init__(config, transformer)
-        backbone = self.base_backbone
-        self.reward_head = PooledCosineHead(backbone.hidden_size, backbone.pooled_width).to(self.device, self.dtype)
+        super().__init__()
+        self.lrm = DiNaLRM(config, transformer)
+        self.lrm.reward_head.requires_grad_(False)
+        backbone = self.lrm.base_backbone
+        self.reward_head = PooledCosineHead(backbone.hidden_size, backbone.pooled_width).to(self.lrm.device, self.lrm.dtype)
+
+    config = property(lambda self: self.lrm.config)
+    base_backbone = property(lambda self: self.lrm.base_backbone)
+    device = property(lambda self: self.lrm.device)
+    dtype = property(lambda self: self.lrm.dtype)
+
+    def check_latents(self, latents: torch.Tensor) -> None:
+        self.lrm.check_latents(latents)
+
+    def enable_autocast(self, dtype: torch.dtype | None) -> None:
+        self.lrm.enable_autocast(dtype)
+
+    def compile_blocks(self, **options) -> None:
+        self.lrm.compile_blocks(**options)
+
+    def features(self, latents, encoder_hidden_states, pooled_projections, timesteps):
+        return self.lrm.features(latents, encoder_hidden_states, pooled_projections, timesteps)
 
     def forward(self, latents, encoder_hidden_states, pooled_projections, timesteps) -> torch.Tensor:
         out = self.features(latents, encoder_hidden_states, pooled_projections, timesteps)

@@ -13,7 +13,7 @@ from dina_lrm.align.methods.grpo import GRPOConfig
 from dina_lrm.align.methods.nft import NFTConfig
 from dina_lrm.align.methods.refl import ReFLConfig
 from dina_lrm.align.methods.sft import SFTConfig
-from dina_lrm.align.rewards import RewardSpec
+from dina_lrm.align.reward_spec import RewardSpec
 from dina_lrm.config import from_dict
 
 

@@ -33,7 +33,7 @@ from dina_lrm.align.config import AlignConfig, read_prompts
 from dina_lrm.align.ema import EMA
 from dina_lrm.align.guard import JudgeGuard
 from dina_lrm.align.methods import method_class
-from dina_lrm.align.rewards import build_reward
+from dina_lrm.align.reward_spec import build_reward
 from dina_lrm.align.sampling import VelocityFn, initial_noise, sample_ode
 from dina_lrm.data.images import vae_decode
 from dina_lrm.distributed import cpu_only
@@ -275,7 +275,7 @@ class Aligner:
             if self.best_lora is not None:
                 save_file(self.best_lora, str(partial / "best_lora.safetensors"))
             if self.ema is not None:
-                save_file(self.ema.state_dict(), str(partial / "ema.safetensors"))
+                save_state(self.ema.state_dict(), partial, "ema")
             if self.method.state_dict():
                 save_file(self.method.state_dict(), str(partial / "method.safetensors"))
             save_state(self.optimizer.state_dict(), partial, "optimizer")
@@ -301,7 +301,7 @@ class Aligner:
         if (directory / "best_lora.safetensors").is_file():
             self.best_lora = load_file(str(directory / "best_lora.safetensors"))
         if self.ema is not None:
-            self.ema.load_state_dict(load_file(str(directory / "ema.safetensors")))
+            self.ema.load_state_dict(load_state(directory, "ema"))
         if (directory / "method.safetensors").is_file():
             self.method.load_state_dict(load_file(str(directory / "method.safetensors")))
         self.optimizer.load_state_dict(load_state(directory, "optimizer"))

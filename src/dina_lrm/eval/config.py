@@ -33,7 +33,7 @@ class EvalConfig:
     draws: list[int] = setting(help="noise-draw ensembles at the best u", factory=lambda: [2, 4, 8])
     level_sets: list[list[float]] = setting(help="multi-level ensembles", factory=lambda: [[0.2, 0.6], [0.2, 0.4, 0.6], [0.2, 0.4, 0.6, 0.8]],
                                             flags=("--levels",), parse=parse_levels, metavar="U1,U2,...")
-    extra_rewards: list[str] = setting(help="another reward model for the table: a RewardFn (or a factory of one) in a module "
+    extra_rewards: list[str] = setting(help="another reward model for the table: a dina_lrm.rewards.Reward (or a factory of one) in a module "
                                             "or .py file, MODULE:ATTR; repeat the flag for several", factory=list,
                                        flags=("--extra-reward",), metavar="MODULE:ATTR", append=True)
     batch_size: int = setting(32, "images per scoring call (whole prompt groups)")
@@ -53,7 +53,7 @@ class EvalConfig:
         return from_dict(cls, raw)
 
     def validate(self) -> None:
-        from dina_lrm.eval.reward_fn import Setting
+        from dina_lrm.rewards import Setting
 
         if not self.format or not self.input:
             raise ValueError("eval needs a benchmark: format and input")

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from dina_lrm.eval.reward_fn import Setting
+from dina_lrm.rewards import Setting
 from dina_lrm.models.backbone import attention_flops, linear_flops
 from dina_lrm.models.reward_model import DiNaLRM
 

@@ -34,7 +34,7 @@ from dina_lrm.memory import MemoryMeter
 from dina_lrm.eval.latent_cache import build_latent_cache, decode_latent, load_latent_cache
 from dina_lrm.eval.official import OFFICIAL_METRICS, official_accuracy
 from dina_lrm.eval.protocol import Census, PairIndex, accuracy_summary, calibration
-from dina_lrm.eval.reward_fn import DiNaRewardFn, RewardFn, Setting
+from dina_lrm.rewards import DiNaReward, Reward, Setting, check_reward
 from dina_lrm.outputs import claim_output
 
 
@@ -145,13 +145,11 @@ def read_benchmark(config: EvalConfig, out: Path, state: PartialState) -> tuple[
     return groups, census
 
 
-def load_extra_reward(spec: str) -> RewardFn:
-    """``module:attr`` or ``path/file.py:attr``: a RewardFn, or a callable that returns one."""
+def load_extra_reward(spec: str) -> Reward:
+    """``module:attr`` or ``path/file.py:attr``: a :class:`~dina_lrm.rewards.Reward`, or a callable that returns one."""
     reward = import_object(spec, "--extra-reward")
-    reward = reward() if not isinstance(reward, RewardFn) and callable(reward) else reward
-    if not isinstance(reward, RewardFn) or reward.inputs not in ("images", "latents"):
-        raise ValueError(f"--extra-reward {spec!r} is not a RewardFn (needs .name, .inputs 'images'/'latents', and __call__)")
-    return reward
+    reward = reward() if not isinstance(reward, Reward) and callable(reward) else reward
+    return check_reward(reward, f"--extra-reward {spec!r}")
 
 
 # Scoring ----------------------------------------------------------------------------------
@@ -199,7 +197,8 @@ def score_locally(fns: list, batches: list[list[int]], inputs: BenchmarkInputs, 
             for b in tqdm(mine, desc=fn.name, disable=not state.is_local_main_process, leave=False):
                 prompts, items = inputs.prompts(batches[b]), inputs.items(batches[b], fn.inputs)
                 start = time.perf_counter()
-                values = np.asarray(fn(prompts, items, seed=batch_seed(config.seed, b)), dtype=np.float64).reshape(-1)
+                with torch.no_grad():
+                    values = torch.as_tensor(fn(items, prompts, seed=batch_seed(config.seed, b))).double().cpu().numpy().reshape(-1)
                 seconds += time.perf_counter() - start
                 if len(values) != len(items):
                     raise ValueError(f"{fn.name} returned {len(values)} scores for {len(items)} images")
@@ -234,7 +233,8 @@ def _warm_up(fns: list, batches, inputs: BenchmarkInputs, config: EvalConfig) ->
     """One small untimed call per reward fn, so one-off set-up does not count as throughput."""
     first = batches[0][:1]
     for fn in fns:
-        fn(inputs.prompts(first)[:1], inputs.items(first, fn.inputs)[:1], seed=config.seed)
+        with torch.no_grad():
+            fn(inputs.items(first, fn.inputs)[:1], inputs.prompts(first)[:1], seed=config.seed)
 
 
 def _score_phase(fns: list, batches, inputs: BenchmarkInputs, config: EvalConfig, state: PartialState) -> dict:
@@ -250,7 +250,7 @@ EVAL_OUTPUTS = ["report.md", "summary.json", "samples.csv", "pairs.csv", "*.png"
 def evaluate(config: EvalConfig, reward_fns: list | None = None, pipe=None, overwrite: bool = False) -> dict | None:
     """Run the evaluation; the main process writes the report and returns the summary (others: None).
 
-    ``reward_fns``: extra :class:`RewardFn` objects for the table (besides ``config.extra_rewards``);
+    ``reward_fns``: extra :class:`~dina_lrm.rewards.Reward` objects for the table (besides ``config.extra_rewards``);
     ``pipe``: an already loaded generator pipeline for ``config.reward``; ``overwrite``: replace an
     earlier report in ``config.out`` (refused otherwise)."""
     from dina_lrm.eval.report import write_outputs
@@ -267,7 +267,8 @@ def evaluate(config: EvalConfig, reward_fns: list | None = None, pipe=None, over
         settings = {k: v for k, v in asdict(config).items() if k != "out"}
         claim_output(out, "eval", settings, EVAL_OUTPUTS, overwrite=overwrite)
     state.wait_for_everyone()
-    others = list(reward_fns or []) + [load_extra_reward(spec) for spec in config.extra_rewards]
+    others = [check_reward(fn, f"reward_fns[{i}]") for i, fn in enumerate(reward_fns or [])]
+    others += [load_extra_reward(spec) for spec in config.extra_rewards]
     groups, census = read_benchmark(config, out, state)
     scorer = None
     if config.reward:
@@ -282,24 +283,24 @@ def evaluate(config: EvalConfig, reward_fns: list | None = None, pipe=None, over
     batches = make_batches(groups, config.batch_size)
     inputs = BenchmarkInputs(groups, latents)
     pairs = PairIndex.of(groups)
-    per_u = [DiNaRewardFn(scorer, Setting((u,))) for u in config.u_values] if scorer else []
+    per_u = [DiNaReward(scorer, Setting((u,))) for u in config.u_values] if scorer else []
     results = _score_phase(per_u + others, batches, inputs, config, state)
     best = None
     if scorer:
         best = max(per_u, key=lambda fn: (pairs.wins(results[fn.name]["scores"]).mean(), -fn.setting.levels[0]))
         u = best.setting.levels[0]
-        ensembles = [DiNaRewardFn(scorer, Setting((u,), d)) for d in config.draws]
-        ensembles += [DiNaRewardFn(scorer, Setting(tuple(levels))) for levels in config.level_sets]
+        ensembles = [DiNaReward(scorer, Setting((u,), d)) for d in config.draws]
+        ensembles += [DiNaReward(scorer, Setting(tuple(levels))) for levels in config.level_sets]
         results.update(_score_phase(ensembles, batches, inputs, config, state))
         dina = per_u + ensembles
     if not state.is_main_process:
         return None
     settings = {}
     for fn in (dina if scorer else []) + others:
-        entry = {"model": "DiNa-LRM" if isinstance(fn, DiNaRewardFn) else fn.name, "inputs": fn.inputs,
+        entry = {"model": "DiNa-LRM" if isinstance(fn, DiNaReward) else fn.name, "inputs": fn.inputs,
                  **accuracy_summary(pairs.wins(results[fn.name]["scores"]), pairs.group_ids, config.bootstrap_resamples, config.seed),
                  **{k: v for k, v in results[fn.name].items() if k != "scores"}}
-        if isinstance(fn, DiNaRewardFn):
+        if isinstance(fn, DiNaReward):
             entry.update(levels=list(fn.setting.levels), draws=fn.setting.draws,
                          gflops_per_image=_mean_flops(fn, groups, latents) / 1e9)
         if config.protocol != "ours" and config.format in OFFICIAL_METRICS:
@@ -317,10 +318,10 @@ def evaluate(config: EvalConfig, reward_fns: list | None = None, pipe=None, over
     return summary
 
 
-def _pair_probability(fn: RewardFn):
+def _pair_probability(fn: Reward):
     """P(a preferred over b) from two scores: a single-level DiNa-LRM's own loss link; otherwise the
     logistic link of the score difference (PickScore's softmax over two images)."""
-    if isinstance(fn, DiNaRewardFn) and len(fn.setting.levels) == 1:
+    if isinstance(fn, DiNaReward) and len(fn.setting.levels) == 1:
         return lambda a, b: float(fn.preference_probability(torch.tensor([a]), torch.tensor([b]))[0])
     return lambda a, b: 1.0 / (1.0 + math.exp(b - a))
 
@@ -344,14 +345,14 @@ def _with_cached(groups, latents: dict, config: EvalConfig) -> list[PreferenceGr
     return [g for g in groups if g.group_id not in failed_ids]
 
 
-def _mean_flops(fn: DiNaRewardFn, groups, latents: dict) -> float:
+def _mean_flops(fn: DiNaReward, groups, latents: dict) -> float:
     shapes = [tuple(latents[(g.group_id, i)][1]) for g in groups for i in range(len(g.images))]
     text_tokens = fn.scorer.prompt_encoder([groups[0].prompt])[0].shape[1]
     per_shape = {shape: scoring_flops(fn.scorer.model, shape, text_tokens, fn.setting) for shape in set(shapes)}
     return float(np.mean([per_shape[s] for s in shapes]))
 
 
-def _calibration(best: DiNaRewardFn, results: dict, pairs: PairIndex, config: EvalConfig) -> dict:
+def _calibration(best: DiNaReward, results: dict, pairs: PairIndex, config: EvalConfig) -> dict:
     scores = torch.as_tensor(results[best.name]["scores"])
     p = best.preference_probability(scores[pairs.preferred], scores[pairs.other])
     return {"setting": best.name, **calibration(p.numpy(), config.calibration_bins)}

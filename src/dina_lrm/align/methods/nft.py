@@ -124,10 +124,10 @@ class NFT(AlignMethod):
         self.old.update(step)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"old.{key}": value for key, value in self.old.state_dict().items()}
+        return {f"old.{i}": average for i, average in enumerate(self.old.shadow_params)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.old.load_state_dict({key.removeprefix("old."): value for key, value in state.items() if key.startswith("old.")})
+        self.old.load_state_dict({"shadow_params": [state[f"old.{i}"] for i in range(len(self.old.shadow_params))]})
 
     def step(self, prompts: list[str], generator: torch.Generator, timings: dict) -> dict:
         loop, config = self.loop, self.config
