@@ -20,7 +20,8 @@ import argparse
 import json
 from pathlib import Path
 
-from dina_lrm_toyworld.alignment import ToyAlignmentConfig, run_alignment_experiment
+from dina_lrm_toyworld.alignment import run_alignment_experiment
+from dina_lrm_toyworld.config import ToyAlignmentConfig
 
 RUN = "ReFL + DiNa-LRM"
 

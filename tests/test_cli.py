@@ -132,31 +132,72 @@ def test_zero_valued_flags_are_kept_and_flags_override_the_config_file_then_set_
     assert (config.reward, config.max_prompts, config.max_batch_size) == ("r", 7, 3)
 
 
-def test_every_setting_is_declared_once_and_the_cli_is_generated_from_it():
-    """Each field of the eval, serve and prepare configs has exactly one flag, whose help states the
-    field's own default: there is no second place where a default could drift."""
-    import argparse
+def _declared_settings(cls, prefix="", defaults=None):
+    """(dotted key, field, default) of every field declared with ``setting``, nested sections included."""
     import dataclasses
 
+    defaults = cls() if defaults is None else defaults
+    for item in dataclasses.fields(cls):
+        value = getattr(defaults, item.name)
+        if "help" in item.metadata:
+            yield prefix + item.name, item, value
+        elif dataclasses.is_dataclass(value):
+            yield from _declared_settings(type(value), f"{prefix}{item.name}.", value)
+
+
+def test_every_setting_is_declared_once_and_the_cli_is_generated_from_it():
+    """Each declared field of every command's config has exactly one flag, whose help states the
+    field's own default: there is no second place where a default could drift."""
+    import argparse
+
     from dina_lrm.cli import build_parser
+    from dina_lrm.config import DiNaConfig
     from dina_lrm.data.config import PrepareConfig
     from dina_lrm.eval.config import EvalConfig
+    from dina_lrm.search_config import SearchConfig
     from dina_lrm.serve.config import ServeConfig
+    from dina_lrm_toyworld.config import AblationConfig, DemoConfig, PretrainConfig, ToyAlignmentConfig
 
-    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
-    for command, cls in (("eval", EvalConfig), ("serve", ServeConfig), ("prepare", PrepareConfig)):
-        actions = {a.dest: a for a in commands[command]._actions}
-        for item in dataclasses.fields(cls):
-            action = actions[item.name]
-            assert action.default is None and item.metadata["help"] in action.help, (command, item.name)
-            default = item.default_factory() if item.default is dataclasses.MISSING else item.default
+    def subcommands(parser):
+        return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+    commands = subcommands(build_parser())
+    toyworld = subcommands(commands["toyworld"])
+    for parser, cls in ((commands["eval"], EvalConfig), (commands["serve"], ServeConfig), (commands["prepare"], PrepareConfig),
+                        (commands["train"], DiNaConfig), (commands["sample"], SearchConfig), (commands["demo"], DemoConfig),
+                        (toyworld["align"], ToyAlignmentConfig), (toyworld["ablations"], AblationConfig),
+                        (toyworld["pretrain"], PretrainConfig)):
+        actions = {a.dest: a for a in parser._actions}
+        declared = list(_declared_settings(cls))
+        assert len(declared) >= 5, cls
+        for key, item, default in declared:
+            action = actions[key]
+            assert action.default is None and item.metadata["help"] in action.help, (cls.__name__, key)
             if isinstance(default, (int, float)) and not isinstance(default, bool) and "default" not in item.metadata["help"]:
-                assert f"(default: {default})" in action.help, (command, item.name, action.help)
+                assert f"(default: {default})" in action.help, (cls.__name__, key, action.help)
+    assert "(default: 300)" in {a.dest: a for a in toyworld["align"]._actions}["data.train_prompts"].help  # the run's own data default
     eval_args = build_parser().parse_args(["eval", "--levels", "0.2,0.6", "0.3,0.5", "--extra-reward", "a:b", "--extra-reward", "c:d",
                                            "--resamples", "10", "--u", "0.3"])
     assert (eval_args.level_sets, eval_args.extra_rewards, eval_args.bootstrap_resamples, eval_args.u_values) == (
         [[0.2, 0.6], [0.3, 0.5]], ["a:b", "c:d"], 10, [0.3])
     assert build_parser().parse_args(["prepare", "--hard-labels"]).soft_labels is False
+    assert build_parser().parse_args(["sample", "--out", "x", "--at", "0.7,0.2"]).at == [0.7, 0.2]
+
+
+def test_train_flags_are_the_yaml_keys_and_sit_between_the_file_and_set(tmp_path):
+    from dina_lrm.cli import build_parser
+    from dina_lrm.config import DiNaConfig, load_settings
+
+    path = tmp_path / "train.yaml"
+    path.write_text("training:\n  learning_rate: 0.002\n  max_steps: 7\nmodel:\n  num_transformer_layers: 3\n"
+                    "  visual_head_idx: [1, 2, 3]\n  text_head_idx: [1, 2, 3]\n")
+    args = build_parser().parse_args(["train", "--config", str(path), "--training.max_steps", "9", "--no-model.use_lora",
+                                      "--model.visual_head_idx", "2", "3", "--data.train.parquet_files", "a", "b",
+                                      "--set", "training.max_steps=11"])
+    config = load_settings(DiNaConfig, args.config, vars(args), args.set)
+    assert config.training.learning_rate == 0.002 and config.training.max_steps == 11  # file < flags < --set
+    assert config.model.use_lora is False and config.model.visual_head_idx == [2, 3] and config.data.train.parquet_files == ["a", "b"]
+    assert config.model.num_transformer_layers == 3 and config.model.lora_config.r == 64
 
 
 def test_version_and_help_do_not_import_torch():

@@ -6,10 +6,12 @@ from test_toyworld_data import SMALL
 from dina_lrm.cli import main
 from dina_lrm.pipelines import load_pipeline
 from dina_lrm.scorer import Scorer
-from dina_lrm_toyworld.demo import DINA_LOSSES, PIXEL_METHOD, SHIPPED_GENERATOR, U_GRID, DemoConfig, run_demo
+from dina_lrm_toyworld.demo import DINA_LOSSES, PIXEL_METHOD, SHIPPED_GENERATOR, run_demo
+from dina_lrm_toyworld.config import U_GRID, DemoConfig
 from dina_lrm_toyworld.generator import T5_TOKENS
-from dina_lrm_toyworld.preferences import PreferenceDataConfig
-from dina_lrm_toyworld.pretrain import PretrainConfig, pretrain
+from dina_lrm_toyworld.config import PreferenceDataConfig
+from dina_lrm_toyworld.pretrain import pretrain
+from dina_lrm_toyworld.config import PretrainConfig
 
 
 def test_shipped_generator_is_small_and_loads():

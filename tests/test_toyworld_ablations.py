@@ -6,16 +6,10 @@ import pytest
 import torch
 
 from dina_lrm.config import config_differences
-from dina_lrm_toyworld.ablations import (
-    ROW_BY_NAME,
-    ROWS,
-    AblationConfig,
-    Variant,
-    dina_config,
-    run_ablations,
-)
+from dina_lrm_toyworld.ablations import dina_config, run_ablations
+from dina_lrm_toyworld.config import ROW_BY_NAME, ROWS, AblationConfig, Variant
 from dina_lrm_toyworld.lrm_baseline import PooledCosineLRM
-from dina_lrm_toyworld.preferences import PreferenceDataConfig
+from dina_lrm_toyworld.config import PreferenceDataConfig
 
 # the release-config keys each setting of a Variant may change
 CONFIG_KEYS = {

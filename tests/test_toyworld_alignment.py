@@ -12,23 +12,14 @@ from safetensors.torch import load_file
 
 from dina_lrm.pipelines import load_pipeline
 from dina_lrm.data.shards import load_preference_shards
-from dina_lrm_toyworld.alignment import (
-    BASES,
-    GATE,
-    RUNS,
-    ToyAlignmentConfig,
-    biased_base_recipe,
-    materialise_base,
-    run_alignment_experiment,
-    write_prompt_sets,
-    write_render_shards,
-)
+from dina_lrm_toyworld.alignment import BASES, biased_base_recipe, materialise_base, run_alignment_experiment, write_prompt_sets, write_render_shards
+from dina_lrm_toyworld.config import GATE, RUNS, ToyAlignmentConfig
 from dina_lrm_toyworld.demo import SHIPPED_GENERATOR
 from dina_lrm_toyworld.generator import decode_latents
 from dina_lrm_toyworld.alignment_report import efficiency
 from dina_lrm_toyworld.judge import Judge
 from dina_lrm_toyworld.pixel_reward import PixelReward
-from dina_lrm_toyworld.preferences import PreferenceDataConfig
+from dina_lrm_toyworld.config import PreferenceDataConfig
 from dina_lrm_toyworld.rewards import judge, judge_scores, load_pixel_reward, pixel_reward, save_pixel_reward
 from dina_lrm_toyworld.pretrain import pretrain, render_training_images
 from dina_lrm_toyworld.scenes import CONFUSIONS, parse_prompt, render, scene_for, with_object

@@ -53,7 +53,7 @@ _EXPORTS = {
     "AlignConfig": "dina_lrm.align.config",
     "Aligner": "dina_lrm.align.trainer",
     "RewardSpec": "dina_lrm.align.reward_spec",
-    "SearchConfig": "dina_lrm.search",
+    "SearchConfig": "dina_lrm.search_config",
     "Searcher": "dina_lrm.search",
 }
 

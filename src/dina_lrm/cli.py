@@ -12,9 +12,10 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import dina_lrm
-from dina_lrm.config import AUTOCAST_NAMES, DTYPE_NAMES, IMAGE_U, add_config_arguments, load_settings, parse_levels
+from dina_lrm.config import AUTOCAST_NAMES, DTYPE_NAMES, IMAGE_U, DiNaConfig, add_config_arguments, load_settings, parse_levels
 from dina_lrm.data.config import PrepareConfig
 from dina_lrm.eval.config import EvalConfig
+from dina_lrm.search_config import SearchConfig
 from dina_lrm.serve.config import ServeConfig
 
 COMMANDS_GROUP = "dina_lrm.commands"  # each entry point: add_commands(subparsers)
@@ -118,10 +119,9 @@ def run_prepare(args) -> int:
 def run_train(args) -> int:
     from accelerate import PartialState
 
-    from dina_lrm.config import load_config
     from dina_lrm.train.trainer import train
 
-    final = train(load_config(args.config, args.set), resume=args.resume, overwrite=args.overwrite)
+    final = train(load_settings(DiNaConfig, args.config, vars(args), args.set), resume=args.resume, overwrite=args.overwrite)
     if PartialState().is_main_process:
         print(f"Wrote the reward model to {final}")
     return 0
@@ -177,12 +177,9 @@ def run_sample(args) -> int:
         raise ValueError("give --reward DIR (or hub id) and --model (its generator), or --toy")
     from dina_lrm.outputs import claim_output
     from dina_lrm.pipelines import DTYPES, load_pipeline
-    from dina_lrm.search import Searcher, SearchConfig, write_results
+    from dina_lrm.search import Searcher, write_results
 
-    options = {k: getattr(args, k) for k in ("strategy", "n", "keep", "at", "steps", "guidance_scale", "max_sequence_length", "seed")
-               if getattr(args, k) is not None}
-    config = SearchConfig(**options)
-    config.validate()
+    config = load_settings(SearchConfig, None, vars(args))
     out = Path(args.out)
     claim_output(out, "sample", {"config": vars(config), "prompts": prompts, "reward": args.reward, "model": args.model},
                  ["*.png", "search.json"], overwrite=args.overwrite)
@@ -229,10 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(func=run_prepare)
 
     train = commands.add_parser("train", help="train DiNa-LRM on prepared shards (run under `accelerate launch` for several GPUs)")
-    train.add_argument("--config", required=True, help="YAML (or the release's JSON) training configuration")
+    train.add_argument("--config", help="YAML (or the release's JSON) training configuration; the flags below override it")
     train.add_argument("--resume", help="'latest' (the newest checkpoint that verifies) or a checkpoint directory to continue from")
     train.add_argument("--overwrite", action="store_true", help="replace an earlier run in the run directory")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. training.max_steps=100")
+    add_config_arguments(train, DiNaConfig, sections=True)
     train.set_defaults(func=run_train)
 
     evaluate = commands.add_parser("eval", help="pairwise accuracy on a benchmark, with intervals, ensembles, costs and plots "
@@ -250,18 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--toy", action="store_true", help="the shipped toy reward and generator")
     sample.add_argument("--prompt", help="one prompt")
     sample.add_argument("--prompts", help="a text file, one prompt per line")
-    sample.add_argument("--strategy", choices=["best_of_n", "prune", "beam"], help="default prune")
-    sample.add_argument("--n", type=int, help="candidates per prompt (default 16)")
-    sample.add_argument("--keep", type=int, help="survivors after the last checkpoint (default 4)")
-    sample.add_argument("--at", type=parse_levels, help="checkpoint sigmas, decreasing, e.g. 0.6,0.3 (default)")
-    sample.add_argument("--steps", type=int, help="sampling steps (default 28)")
-    sample.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default 4.5)")
-    sample.add_argument("--max-sequence-length", type=int, help="T5 tokens of the generator's text (default 128; --toy: the toy's)")
-    sample.add_argument("--seed", type=int, help="prompt i uses seed + i (default 0)")
     sample.add_argument("--device", default="cpu")
     sample.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     sample.add_argument("--out", required=True, help="folder for the images, search.json and contact_sheet.png")
     sample.add_argument("--overwrite", action="store_true", help="replace an earlier sample run with other settings in --out")
+    add_config_arguments(sample, SearchConfig)
     sample.set_defaults(func=run_sample)
 
     serve = commands.add_parser("serve", help="HTTP reward server for latents, micro-batched (see docs/serving.md)")

@@ -38,44 +38,59 @@ class ConfigError(ValueError):
     """A configuration key or value that cannot be used."""
 
 
+# Settings declared once: a config field carries its help text and CLI flags, and the CLI is generated
+# from the dataclass (add_config_arguments), read back through one path (load_settings).
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Callable[[], Any] | None = None,
+            flags: tuple[str, ...] = (), choices: tuple | None = None, parse: Callable[[str], Any] | None = None,
+            metavar: str | None = None, append: bool = False):
+    """A config field with its help text and, optionally, how the CLI sets it: ``flags`` (default
+    ``--field-name``), ``choices``, ``parse`` (a string -> value for each item), ``append`` (the flag is
+    repeated once per list item instead of taking several values)."""
+    metadata = {"help": help, "flags": flags, "choices": choices, "parse": parse, "metavar": metavar, "append": append}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class LoraSettings:
-    r: int = 64
-    lora_alpha: int = 128
-    init_lora_weights: str | bool = "gaussian"
-    lora_dropout: float = 0.0
+    r: int = setting(64, "LoRA rank of every adapted backbone projection")
+    lora_alpha: int = setting(128, "LoRA scale numerator (the update is scaled by lora_alpha / r)")
+    init_lora_weights: str | bool = setting("gaussian", "PEFT's LoRA initialisation (gaussian, true, ...)", parse=str)
+    lora_dropout: float = setting(0.0, "dropout on the LoRA path")
 
 
 @dataclass
 class RewardHeadConfig:
-    use_proj_in: bool = False
-    width: int = -1  # -1: the backbone's hidden size
-    out_dim: int = 1
-    num_queries: int = 4
-    num_attn_heads: int = 8
-    dropout: float = 0.0
-    t_emb_dim: int | None = None  # in the authors' Z-Image YAML (their code ignores it); when set, must equal the backbone's
+    use_proj_in: bool = setting(False, "project the tapped features before the head's attention")
+    width: int = setting(-1, "the head's width; -1: the backbone's hidden size")
+    out_dim: int = setting(1, "scores per item")
+    num_queries: int = setting(4, "learned queries that read the tapped tokens")
+    num_attn_heads: int = setting(8, "attention heads of the head")
+    dropout: float = setting(0.0, "dropout in the head")
+    t_emb_dim: int | None = setting(None, "in the authors' Z-Image YAML (their code ignores it); when set, must equal the backbone's")
 
 
 @dataclass
 class ModelConfig:
-    model_type: str = "thurstone"  # the preference loss the reward model is trained with
-    backbone: str = ""  # sd3, flux, zimage, qwenimage; empty: picked from the transformer's class (models/backbones.py)
-    backbone_model_id: str = "stabilityai/stable-diffusion-3.5-medium"
-    num_transformer_layers: int = 12
-    freeze_backbone: bool = False
-    use_lora: bool = True
-    use_text_features: bool = True
+    model_type: str = setting("thurstone", "the preference loss the reward model is trained with (thurstone, bt, ...)")
+    backbone: str = setting("", "sd3, flux, zimage or qwenimage; empty: picked from the transformer's class")
+    backbone_model_id: str = setting("stabilityai/stable-diffusion-3.5-medium", "the generator whose transformer is the backbone")
+    num_transformer_layers: int = setting(12, "transformer blocks kept (the reward reads no block past them)")
+    freeze_backbone: bool = setting(False, "without LoRA: train the head only (true) or every backbone weight (false)")
+    use_lora: bool = setting(True, "train LoRA adapters in the kept blocks")
+    use_text_features: bool = setting(True, "the head reads the text stream's tapped tokens too")
     lora_config: LoraSettings = field(default_factory=LoraSettings)
-    use_logistic: bool = False
-    visual_head_idx: list[int] = field(default_factory=lambda: [4, 8, 12])
-    text_head_idx: list[int] = field(default_factory=lambda: [4, 8, 12])
-    use_t_embed: bool = True  # accepted for release compatibility; the head always uses temb
+    use_logistic: bool = setting(False, "the release's logistic output (not supported: its parameters live outside rm_head.pt)")
+    visual_head_idx: list[int] = setting(factory=lambda: [4, 8, 12], help="blocks whose image tokens the head reads (0: the embeddings)")
+    text_head_idx: list[int] = setting(factory=lambda: [4, 8, 12], help="blocks whose text tokens the head reads")
+    use_t_embed: bool = setting(True, "accepted for release compatibility; the head always uses the time embedding")
     reward_head: RewardHeadConfig = field(default_factory=RewardHeadConfig)
     # The release YAML's EMA keys sit here, where its trainer never reads them (it reads training.use_ema):
     # the released checkpoint was trained without EMA. Accepted unchanged, inert, named by a warning.
-    use_ema: bool = False
-    ema_decay: float = 0.995
+    use_ema: bool = setting(False, "inert, as in the release's trainer (set training.use_ema)")
+    ema_decay: float = setting(0.995, "inert, as in the release's trainer (set training.ema_decay)")
 
     @property
     def backbone_mode(self) -> str:
@@ -123,23 +138,24 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine")  # diffusers' nam
 
 @dataclass
 class TrainingConfig:
-    mixed_precision: str = "bf16"  # fp32 (or no), bf16, fp16
-    gradient_accumulation_steps: int = 1
-    num_epochs: int = 1
-    max_steps: int = -1  # > 0: stop after this many optimizer steps (overrides num_epochs)
-    uncond_prob: float = 0.0  # deprecated in the release; only 0 is accepted
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_steps: int = 0  # linear warmup of constant_with_warmup and cosine; inert with constant, as in the release
-    lr_scheduler: str = "constant"  # constant (the release: no schedule at all), constant_with_warmup, cosine
-    max_grad_norm: float = 1.0
-    t_weighting_scheme: str = "uniform"
-    t_weighting_scheme_param: float = 0.0
-    use_vae: bool = False  # the release's flag for encoding pixels while training; we train on pre-encoded latents
-    add_noise: bool = True
-    gradient_checkpointing: bool = False
-    use_ema: bool = False  # evaluate and save an EMA of the trained weights (the release trained without)
-    ema_decay: float = 0.995
+    mixed_precision: str = setting("bf16", "fp32 (or no), bf16 or fp16", choices=MIXED_PRECISION)
+    gradient_accumulation_steps: int = setting(1, "micro-steps per optimizer step")
+    num_epochs: int = setting(1, "passes over the training pairs")
+    max_steps: int = setting(-1, "> 0: stop after this many optimizer steps (overrides num_epochs)")
+    uncond_prob: float = setting(0.0, "deprecated in the release; only 0 is accepted")
+    learning_rate: float = setting(5e-5, "AdamW learning rate")
+    weight_decay: float = setting(0.01, "AdamW weight decay")
+    warmup_steps: int = setting(0, "linear warmup of constant_with_warmup and cosine; inert with constant, as in the release")
+    lr_scheduler: str = setting("constant", "constant (the release: no schedule at all), constant_with_warmup or cosine",
+                                choices=LR_SCHEDULERS)
+    max_grad_norm: float = setting(1.0, "gradient clipping norm")
+    t_weighting_scheme: str = setting("uniform", "how training draws the noise level u", choices=SAMPLING_SCHEMES)
+    t_weighting_scheme_param: float = setting(0.0, "the scheme's parameter (e.g. logit-normal's mean)")
+    use_vae: bool = setting(False, "the release's flag for encoding pixels while training (not supported: encode once with prepare)")
+    add_noise: bool = setting(True, "noise the latents to u before scoring (false: score clean latents)")
+    gradient_checkpointing: bool = setting(False, "recompute each kept block in the backward pass (less memory, more compute)")
+    use_ema: bool = setting(False, "evaluate and save an EMA of the trained weights (the release trained without)")
+    ema_decay: float = setting(0.995, "the EMA's decay (diffusers' EMAModel)")
 
     def validate(self) -> None:
         if self.mixed_precision not in MIXED_PRECISION:
@@ -162,15 +178,15 @@ class TrainDataConfig:
     """The release's ``data.train`` keys. ``parquet_files``: shard directories written by
     ``dina-lrm prepare``, or the authors' preprocessed ``part_rank*.parquet`` files; names or globs."""
 
-    parquet_files: str | list[str] = ""
-    bucket_file: str | None = None  # the authors' bucket_index.csv for their parquet files; our shards carry each pair's bucket
-    base_batch_size: int = 4  # pairs per process per micro-step
-    reference_size: int = 1024
-    num_workers: int = 0
-    shuffle: bool = True
-    seed: int = 42
-    use_dynamic_bsz: bool = False
-    max_sequence_length: int = 128  # T5 tokens when prompts are encoded during training (no cached embeddings)
+    parquet_files: str | list[str] = setting("", "shard directories of dina-lrm prepare, or the authors' part_rank*.parquet files (names or globs)")
+    bucket_file: str | None = setting(None, "the authors' bucket_index.csv for their parquet files; our shards carry each pair's bucket")
+    base_batch_size: int = setting(4, "pairs per process per micro-step")
+    reference_size: int = setting(1024, "the resolution the aspect buckets are sized for")
+    num_workers: int = setting(0, "data loader worker processes")
+    shuffle: bool = setting(True, "shuffle batches each epoch (seeded)")
+    seed: int = setting(42, "the data order's seed")
+    use_dynamic_bsz: bool = setting(False, "the release's dynamic batch size (not supported)")
+    max_sequence_length: int = setting(128, "T5 tokens when prompts are encoded during training (no cached embeddings)")
 
     def validate(self) -> None:
         if self.use_dynamic_bsz:
@@ -197,8 +213,8 @@ class DataConfig:
 
 @dataclass
 class PathsConfig:
-    run_name: str = "SD35M-Thurstone-12layers"
-    save_dir: str = "outputs"
+    run_name: str = setting("SD35M-Thurstone-12layers", "the run's folder under save_dir")
+    save_dir: str = setting("outputs", "where runs are written")
 
     @property
     def run_dir(self) -> Path:
@@ -207,12 +223,12 @@ class PathsConfig:
 
 @dataclass
 class LoggingConfig:
-    eval_frac: int = 1000  # the release's name: evaluate every this many optimizer steps
-    save_frac: int = 2000  # checkpoint every this many optimizer steps
-    log_every: int = 10
-    report_to: str = "tensorboard"  # tensorboard, wandb or none
-    eval_u: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
-    checkpoints_total_limit: int = 0  # keep only the newest N training-state checkpoints (0: keep all)
+    eval_frac: int = setting(1000, "the release's name: evaluate every this many optimizer steps")
+    save_frac: int = setting(2000, "checkpoint every this many optimizer steps")
+    log_every: int = setting(10, "log every this many optimizer steps")
+    report_to: str = setting("tensorboard", "tensorboard, wandb or none", choices=("tensorboard", "wandb", "none"))
+    eval_u: list[float] = setting(factory=lambda: [0.2, 0.4, 0.6, 0.8], help="noise levels of the held-out accuracy")
+    checkpoints_total_limit: int = setting(0, "keep only the newest N training-state checkpoints (0: keep all)")
 
     def validate(self) -> None:
         if self.report_to not in ("tensorboard", "wandb", "none"):
@@ -226,7 +242,7 @@ class LoggingConfig:
 
 @dataclass
 class SystemConfig:
-    seed: int = 42
+    seed: int = setting(42, "the run's seed (weights, noise draws)")
 
 
 @dataclass
@@ -354,15 +370,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> DiNaConfig:
     """Read a YAML or JSON configuration file (the release's ``config.json`` included), then apply
     ``section.key=value`` overrides."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    text = path.read_text()
-    try:
-        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot parse {path}: {err}") from err
-    return DiNaConfig.from_dict(apply_overrides(raw or {}, overrides or []))
+    return load_settings(DiNaConfig, path, None, overrides or [])
 
 
 def import_object(spec: str, what: str = "target"):
@@ -386,21 +394,6 @@ def import_object(spec: str, what: str = "target"):
     return getattr(module, attr)
 
 
-# Settings declared once: a config field carries its help text and CLI flags, and the CLI is generated
-# from the dataclass (add_config_arguments), read back through one path (load_settings).
-
-def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Callable[[], Any] | None = None,
-            flags: tuple[str, ...] = (), choices: tuple | None = None, parse: Callable[[str], Any] | None = None,
-            metavar: str | None = None, append: bool = False):
-    """A config field with its help text and, optionally, how the CLI sets it: ``flags`` (default
-    ``--field-name``), ``choices``, ``parse`` (a string -> value for each item), ``append`` (the flag is
-    repeated once per list item instead of taking several values)."""
-    metadata = {"help": help, "flags": flags, "choices": choices, "parse": parse, "metavar": metavar, "append": append}
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
 def parse_levels(text: str) -> list[float]:
     """``"0.2,0.4,0.6"`` -> ``[0.2, 0.4, 0.6]``."""
     try:
@@ -409,50 +402,86 @@ def parse_levels(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"takes comma-separated noise levels like 0.2,0.4,0.6, got {text!r}") from None
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, sections: bool = False, prefix: str = "",
+                         defaults=None) -> None:
     """One flag per field of ``cls`` declared with :func:`setting`; its help and default come from the
-    field. Flags default to None, so only the flags given override a ``--config`` file."""
+    field. Flags default to None, so only the flags given override a ``--config`` file. With
+    ``sections``, the fields of nested config sections get flags too, named by their dotted key
+    (``--training.learning_rate``, as the YAML spells it; booleans also take ``--no-...``). ``defaults``:
+    the instance whose values the help shows (a section's own default, e.g. a run's data settings)."""
     hints = typing.get_type_hints(cls)
+    defaults = cls() if defaults is None else defaults
     for item in dataclasses.fields(cls):
-        if "help" not in item.metadata:
-            continue
-        meta, hint = item.metadata, _without_none(hints[item.name])
-        default = item.default_factory() if item.default is dataclasses.MISSING else item.default
-        shown = "" if "default" in meta["help"] else f" (default: {_shown(default)})"
-        options = {"dest": item.name, "default": None, "help": meta["help"] + shown}
-        if hint is bool:  # a flag that turns the default over
-            options["action"] = "store_false" if default else "store_true"
-        else:
-            element = typing.get_args(hint)[0] if typing.get_origin(hint) is list else None
-            options["type"] = meta["parse"] or (element if element is not None else hint)
-            if element is not None:
-                options.update(action="append") if meta["append"] else options.update(nargs="+")
-            if meta["choices"] is not None:
-                options["choices"] = meta["choices"]
-            if meta["metavar"] is not None:
-                options["metavar"] = meta["metavar"]
-        flags = meta["flags"] or (f"--{item.name.replace('_', '-')}",)
-        if hint is not bool:
-            options.setdefault("metavar", flags[0].lstrip("-").replace("-", "_").upper())
-        parser.add_argument(*flags, **options)
+        hint = _without_none(hints[item.name])
+        if sections and dataclasses.is_dataclass(hint) and "help" not in item.metadata:
+            add_config_arguments(parser, hint, sections=True, prefix=f"{prefix}{item.name}.", defaults=getattr(defaults, item.name))
+        elif "help" in item.metadata:
+            parser.add_argument(*_flags(item, prefix), **_flag_options(item, hint, prefix, getattr(defaults, item.name)))
 
 
-def load_settings(cls: type, config_path: str | None = None, flags: dict | None = None, overrides: list[str] = ()):
-    """``cls`` from a YAML file, overridden by the flags given (``flags``: parsed values by field name,
+def _flags(item: dataclasses.Field, prefix: str) -> tuple[str, ...]:
+    if item.metadata["flags"]:
+        return item.metadata["flags"]
+    return (f"--{prefix}{item.name}",) if prefix else (f"--{item.name.replace('_', '-')}",)
+
+
+def _flag_options(item: dataclasses.Field, hint, prefix: str, default) -> dict:
+    meta = item.metadata
+    shown = "" if "default" in meta["help"] else f" (default: {_shown(default)})"
+    options = {"dest": prefix + item.name, "default": None, "help": meta["help"] + shown}
+    if hint is bool:
+        # a flat flag turns the default over; a section's key is set either way (--key / --no-key)
+        options["action"] = argparse.BooleanOptionalAction if prefix else ("store_false" if default else "store_true")
+        return options
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # str | list[str]: one or several; str | bool: text
+        hint = next((arg for arg in typing.get_args(hint) if typing.get_origin(arg) is list), str)
+    element = typing.get_args(hint)[0] if typing.get_origin(hint) in (list, tuple) else None
+    options["type"] = meta["parse"] or (element if element is not None else hint)
+    whole_list = meta["parse"] is not None and element is not None and typing.get_origin(element) is None  # "0.6,0.3"
+    if element is not None and not whole_list:
+        options.update(action="append") if meta["append"] else options.update(nargs="+")
+    if meta["choices"] is not None:
+        options["choices"] = meta["choices"]
+    options["metavar"] = meta["metavar"] or _flags(item, prefix)[0].lstrip("-").replace("-", "_").split(".")[-1].upper()
+    return options
+
+
+def load_settings(cls: type, config_path: str | Path | None = None, flags: dict | None = None, overrides: list[str] = (),
+                  defaults: dict | None = None):
+    """``cls`` from ``defaults`` (a recipe's keys), then a YAML file (or JSON, the release's
+    ``config.json``), overridden by the flags given (``flags``: parsed values by field name or dotted key,
     None for a flag not given) and then by ``section.key=value`` overrides, validated: the one path
     every command's settings take."""
-    raw = {}
-    if config_path:
-        if not Path(config_path).is_file():
-            raise FileNotFoundError(f"config file not found: {config_path}")
-        raw = yaml.safe_load(Path(config_path).read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{config_path} must hold a mapping of config keys")
-    names = {item.name for item in dataclasses.fields(cls)}
-    raw.update({name: value for name, value in (flags or {}).items() if name in names and value is not None})
+    raw = {**(defaults or {}), **(_read_settings_file(Path(config_path)) if config_path else {})}
+    top = {item.name for item in dataclasses.fields(cls)}
+    for key, value in (flags or {}).items():
+        if value is not None and key.split(".")[0] in top:
+            _set_dotted(raw, key, value)
     config = from_dict(cls, apply_overrides(raw, list(overrides)))
-    config.validate()
+    if hasattr(config, "validate"):
+        config.validate()
     return config
+
+
+def _read_settings_file(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot parse {path}: {err}") from err
+    if not isinstance(raw or {}, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys")
+    return raw or {}
+
+
+def _set_dotted(raw: dict, key: str, value) -> None:
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = list(value) if isinstance(value, tuple) else value
 
 
 def _without_none(hint):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -35,44 +35,9 @@ from dina_lrm.data.images import vae_decode
 from dina_lrm.models.backbones import backbone_name, policy_for
 from dina_lrm.models.policy import TextConditioning
 from dina_lrm.models.reward_model import DiNaLRM
-from dina_lrm.config import LATENT_U
 from dina_lrm.scorer import Scorer
+from dina_lrm.search_config import SearchConfig
 
-STRATEGIES = ("best_of_n", "prune", "beam")
-
-
-@dataclass
-class SearchConfig:
-    strategy: str = "prune"
-    n: int = 16  # candidates started per prompt
-    keep: int = 4  # survivors after the last checkpoint (prune, beam)
-    at: list[float] = field(default_factory=lambda: [0.6, 0.3])  # checkpoint sigmas, decreasing, in (0, 1)
-    steps: int = 28
-    guidance_scale: float | None = None  # default: the pipeline's own
-    negative_prompt: str = ""
-    resolution: int | None = None  # image side in pixels (default: the transformer's native size)
-    max_sequence_length: int | None = None  # text tokens of the generator's own conditioning (default: its encoder's)
-    beam_noise_level: float = 0.7  # beam: SDE noise of the steps after the first checkpoint
-    final_u: float = LATENT_U  # the default final reward: DiNa-LRM on the clean latents at this u
-    seed: int = 0
-
-    def validate(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {STRATEGIES}")
-        if self.n < 1 or not 1 <= self.keep <= self.n:
-            raise ValueError(f"need 1 <= keep <= n, got n={self.n}, keep={self.keep}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.strategy != "best_of_n":
-            if not self.at:
-                raise ValueError(f"the {self.strategy} strategy needs checkpoint sigmas (--at)")
-            if any(not 0 < s < 1 for s in self.at) or any(a <= b for a, b in zip(self.at, self.at[1:])):
-                raise ValueError(f"checkpoint sigmas must decrease strictly and lie in (0, 1), got {self.at}")
-
-    def survivors(self) -> list[int]:
-        """How many candidates each checkpoint keeps: geometric from n down to keep."""
-        count = len(self.at)
-        return [max(self.keep, round(self.n * (self.keep / self.n) ** ((j + 1) / count))) for j in range(count)]
 
 
 @dataclass

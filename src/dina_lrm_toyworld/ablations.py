@@ -11,12 +11,11 @@ interval a bootstrap over held-out prompts.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import itertools
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -32,85 +31,18 @@ from dina_lrm.models.sd3_text import SD3PromptEncoder
 from dina_lrm.noise import NoiseSampler, SigmaTable
 from dina_lrm.pipelines import load_pipeline
 from dina_lrm.scorer import Scorer
+from dina_lrm_toyworld.config import AblationConfig, ENSEMBLE, ROW_BY_NAME, Row, Variant
 from dina_lrm_toyworld.ablations_report import write_ablation_report
 from dina_lrm_toyworld.alignment import in_workers
 from dina_lrm_toyworld.benchmark import write_toy_benchmark
-from dina_lrm_toyworld.demo import DEMO_MODEL, U_GRID, build_preference_data, dina_step_fn, load_generator
+from dina_lrm_toyworld.demo import DEMO_MODEL, build_preference_data, dina_step_fn, load_generator
 from dina_lrm_toyworld.generator import T5_TOKENS, decode_latents, encode_latents, images_to_tensor
 from dina_lrm_toyworld.lrm_baseline import PooledCosineLRM, lrm_preference_step
 from dina_lrm_toyworld.pixel_reward import PixelReward, decode_for_reward, pixel_preference_step
-from dina_lrm_toyworld.preferences import PreferenceDataConfig
 from dina_lrm_toyworld.rewards import CLAUSES, JUDGE, clause_rates
 from dina_lrm_toyworld.pairs import FitConfig, PairBatches, fit_pairs, step_flops
 
-ENSEMBLE = (0.2, 0.5, 0.7)  # the paper's test-time levels
 GAP_BINS = {"gap < 0.1": (-1.0, 0.1), "0.1-0.2": (0.1, 0.2), "gap >= 0.2": (0.2, 2.0)}  # one clause of a relation prompt is ~0.095
-
-
-@dataclass(frozen=True)
-class Variant:
-    """What one row trains and how it scores; the defaults are the full DiNa-LRM."""
-
-    reward: str = "dina"  # dina | lrm (LPO's pooled-feature cosine head) | pixel (decodes; a CNN reads the image)
-    loss: str = "thurstone"  # thurstone (noise-calibrated variance) | thurstone_const | bt
-    train_u: str = "uniform"  # uniform: u ~ U(0, 1) | zero: clean latents only
-    backbone: str = "lora"  # lora | frozen (head only) | full (every backbone weight trains)
-    test_levels: tuple[float, ...] = ()  # (): each u of the grid alone; else one ensemble of these levels
-
-    @property
-    def training(self) -> Variant:
-        """The model this row scores with: rows that differ only at test time share it."""
-        return dataclasses.replace(self, test_levels=())
-
-    def differences(self, other: Variant) -> list[str]:
-        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
-
-
-@dataclass(frozen=True)
-class Row:
-    name: str
-    variant: Variant
-    reference: str | None  # the row it differs from in exactly one setting
-
-
-ROWS = (
-    Row("DiNa-LRM (full)", Variant(), None),
-    Row("constant variance", Variant(loss="thurstone_const"), "DiNa-LRM (full)"),
-    Row("Bradley-Terry", Variant(loss="bt"), "DiNa-LRM (full)"),
-    Row("clean only (u = 0)", Variant(train_u="zero"), "DiNa-LRM (full)"),
-    Row("frozen backbone (head only)", Variant(backbone="frozen"), "DiNa-LRM (full)"),
-    Row("full fine-tune", Variant(backbone="full"), "DiNa-LRM (full)"),
-    Row("ensemble {0.2,0.5,0.7}, calibrated", Variant(test_levels=ENSEMBLE), "DiNa-LRM (full)"),
-    Row("ensemble {0.2,0.5,0.7}, constant variance", Variant(loss="thurstone_const", test_levels=ENSEMBLE),
-        "ensemble {0.2,0.5,0.7}, calibrated"),
-    Row("LRM-style (LPO: pooled cosine, BT)", Variant(reward="lrm", loss="bt"), "Bradley-Terry"),
-    Row("pixel reward (decodes), equal FLOPs", Variant(reward="pixel", loss="bt"), "Bradley-Terry"),
-)
-ROW_BY_NAME = {row.name: row for row in ROWS}
-
-
-@dataclass
-class AblationConfig:
-    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
-    steps: int = 300  # optimizer steps of every DiNa-LRM-backbone row; the pixel reward gets the same FLOPs
-    batch_size: int = 32
-    learning_rate: float = 5e-4
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    rows: list[str] = field(default_factory=lambda: [row.name for row in ROWS])
-    u_grid: tuple[float, ...] = U_GRID
-    benchmark_prompts: int = 100
-    resamples: int = 1000
-    workers: int = 2
-
-    def validate(self) -> None:
-        unknown = [name for name in self.rows if name not in ROW_BY_NAME]
-        if unknown:
-            raise ValueError(f"unknown ablation rows {unknown}; choose from {list(ROW_BY_NAME)}")
-        if self.steps < 1 or not self.seeds:
-            raise ValueError("ablations need steps >= 1 and at least one seed")
-        for level in (*self.u_grid, *ENSEMBLE):
-            if not 0 <= level <= 1:
-                raise ValueError(f"noise levels must lie in [0, 1], got {level}")
 
 
 def dina_config(variant: Variant) -> DiNaConfig:

@@ -26,7 +26,7 @@ import json
 import multiprocessing
 import shutil
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -44,12 +44,13 @@ from dina_lrm.eval.pairwise import bootstrap_interval
 from dina_lrm.models.backbones import policy_for
 from dina_lrm.models.sd3_text import SD3PromptEncoder
 from dina_lrm.pipelines import load_pipeline
+from dina_lrm_toyworld.config import BIASED_BASE_RECIPE, GATE, RUNS, ToyAlignmentConfig
 from dina_lrm_toyworld.alignment_report import write_alignment_report
 from dina_lrm_toyworld.corruptions import corrupt_scene
-from dina_lrm_toyworld.demo import SHIPPED_GENERATOR, DemoConfig, build_preference_data, subset, train_dina, train_pixel
+from dina_lrm_toyworld.demo import SHIPPED_GENERATOR, build_preference_data, subset, train_dina, train_pixel
+from dina_lrm_toyworld.config import DemoConfig
 from dina_lrm_toyworld.generator import T5_TOKENS, encode_latents, images_to_tensor
-from dina_lrm_toyworld.preferences import PreferenceDataConfig
-from dina_lrm_toyworld.pretrain import PretrainConfig
+from dina_lrm_toyworld.config import PretrainConfig
 from dina_lrm_toyworld.rewards import CLAUSES, load_pixel_reward, save_pixel_reward
 from dina_lrm_toyworld.scenes import parse_prompt, render, sample_prompts, scene_for
 from dina_lrm_toyworld.pairs import PairBatches
@@ -57,22 +58,6 @@ from dina_lrm_toyworld.pairs import PairBatches
 BASES = {"biased": Path(__file__).parent / "pretrained_biased", "early": Path(__file__).parent / "pretrained_early"}
 JUDGE = RewardSpec(kind="python", target="dina_lrm_toyworld.rewards:judge", name="judge")
 CONSTANT = RewardSpec(kind="python", target="dina_lrm_toyworld.rewards:constant", name="constant")
-RUNS = {  # name: (method, reward); "renders": fine-tuning on ground-truth renders, judged by the judge
-    "SFT on renders": ("sft", "renders"),
-    "NFT + constant reward": ("nft", "constant"),
-    "NFT + judge": ("nft", "judge"),
-    "NFT + DiNa-LRM": ("nft", "dina"),
-    "NFT + pixel reward": ("nft", "pixel"),
-    "ReFL + DiNa-LRM": ("refl", "dina"),
-    "GRPO + judge": ("grpo", "judge"),
-}
-GATE = ("SFT on renders", "NFT + constant reward")  # run with the first seed only
-DEFAULT_RUNS = [name for name in RUNS if name != "GRPO + judge"]
-
-# the biased base's recipe: `dina-lrm toyworld bias` (a continuation of the shipped generator)
-BIASED_BASE_RECIPE = dict(seed=7, confusion_rate=0.5, dataset_size=8192, generator_steps=400, generator_lr=2e-4, warmup_steps=20,
-                          ema_decay=0.99, train_text_encoders=False, save_dtype="float16")
-
 COMMON = dict(prompts_per_step=8, guidance_scale=1.0, eval_every=5)
 NFT = dict(max_steps=30, learning_rate=2e-3, ema_decay=0.9, lora_rank=8, lora_alpha=16,
            nft={"group_size": 8, "beta": 0.3, "global_std": True, "timestep_fraction": 0.4, "kl_coef": 0.0, "updates_per_step": 8})
@@ -81,26 +66,6 @@ REFL = dict(max_steps=30, train_sampling_steps=12, learning_rate=1e-3, early_sto
 GRPO = dict(max_steps=30, learning_rate=3e-4, grpo={"group_size": 8, "noise_level": 0.7, "sde_window_size": 3, "sde_window_range": [0, 6],
                                                    "global_std": True, "clip_range": 0.2, "updates_per_step": 2})
 SETTINGS = {"nft": NFT, "sft": SFT, "refl": REFL, "grpo": GRPO}
-
-
-@dataclass
-class ToyAlignmentConfig:
-    base: str = "biased"  # biased (the shipped biased generator), early (the early generator) or a toy pipeline directory
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    runs: list[str] = field(default_factory=lambda: list(DEFAULT_RUNS))
-    data: PreferenceDataConfig = field(default_factory=lambda: PreferenceDataConfig(train_prompts=300, test_prompts=40, guidance_scale=1.0))
-    reward_steps: int = 300  # optimizer steps of DiNa-LRM
-    pixel_reward_steps: int = 150  # of the pixel reward (each decodes its pairs: 5x DiNa-LRM's step cost); its accuracy plateaus by then
-    reward_batch_size: int = 32
-    reward_learning_rate: float = 5e-4
-    train_prompts: int = 512
-    renders_per_prompt: int = 4  # ground-truth renders of each training prompt, for the SFT gate
-    num_val_prompts: int = 32
-    num_test_prompts: int = 64
-    eval_sampling_steps: int = 12
-    settings: dict = field(default_factory=dict)  # per method (nft, sft, refl, grpo): AlignConfig keys over SETTINGS
-    rewards_from: str = ""  # an earlier experiment's folder (same base) whose rewards and render shards are reused
-    workers: int = 2  # runs in parallel processes of one thread each (the toy models use one core poorly)
 
 
 def biased_base_recipe(**overrides) -> PretrainConfig:

@@ -18,7 +18,7 @@ import copy
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -35,18 +35,15 @@ from dina_lrm.noise import NoiseSampler, SigmaTable
 from dina_lrm.outputs import claim_output
 from dina_lrm.pipelines import load_pipeline
 from dina_lrm.scorer import Scorer
+from dina_lrm_toyworld.config import DemoConfig, U_GRID
 from dina_lrm_toyworld.benchmark import write_toy_benchmark
 from dina_lrm_toyworld.generator import T5_TOKENS
 from dina_lrm_toyworld.judge import Judge
 from dina_lrm_toyworld.pixel_reward import PixelReward, decode_for_reward, pixel_preference_step
-from dina_lrm_toyworld.preferences import (
-    PreferenceDataConfig,
-    candidate_pairs,
-    corruption_candidates,
-    generated_candidates,
-    label_pairs,
-)
-from dina_lrm_toyworld.pretrain import PretrainConfig, pretrain, reconstruction_psnr
+from dina_lrm_toyworld.preferences import candidate_pairs, corruption_candidates, generated_candidates, label_pairs
+from dina_lrm_toyworld.config import PreferenceDataConfig
+from dina_lrm_toyworld.pretrain import pretrain, reconstruction_psnr
+from dina_lrm_toyworld.config import PretrainConfig
 from dina_lrm_toyworld.report import write_report
 from dina_lrm_toyworld.rewards import save_pixel_reward
 from dina_lrm_toyworld.search_experiment import run_search_experiment
@@ -56,7 +53,6 @@ from dina_lrm.train.step import preference_step
 
 SHIPPED_GENERATOR = Path(__file__).parent / "pretrained"
 SHIPPED_REWARD = Path(__file__).parent / "pretrained_reward"  # the demo's DiNa-LRM (Thurstone), copied from demo_out/reward_model
-U_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 DINA_LOSSES = {"DiNa-LRM (Thurstone)": "thurstone", "Bradley-Terry": "bt", "constant-variance Thurstone": "thurstone_const"}
 PIXEL_METHOD = "pixel reward (decodes)"
 DEMO_MODEL = {
@@ -66,21 +62,6 @@ DEMO_MODEL = {
     "lora_config": {"r": 8, "lora_alpha": 16},
     "reward_head": {"num_attn_heads": 4},
 }
-
-
-@dataclass
-class DemoConfig:
-    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
-    steps: int = 300  # optimizer steps of each DiNa-LRM variant; the pixel reward gets the same training FLOPs
-    batch_size: int = 32
-    learning_rate: float = 5e-4
-    monitor_u: float = 0.4  # the noise level of the held-out accuracy tracked during training
-    monitor_pairs: int = 128
-    eval_every: int = 50  # steps between evaluations on the monitor pairs
-    ensemble_levels: tuple[float, ...] = (0.2, 0.5, 0.7)  # the paper's test-time ensemble
-    benchmark_prompts: int = 100  # the judge-ranked benchmark `dina-lrm eval` runs on at the end
-    search_prompts: int = 32  # held-out prompts of the reward-guided sampling experiment
-    seed: int = 0
 
 
 @contextmanager

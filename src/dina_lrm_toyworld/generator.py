@@ -8,7 +8,6 @@ template vocabulary, built with ``tokenizers``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,34 +16,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast
 
 from dina_lrm.data.images import vae_decode, vae_encode
+from dina_lrm_toyworld.config import ToyGeneratorConfig
 from dina_lrm_toyworld.scenes import COLOURS, COUNT_WORDS, SHAPES, SIZES
 from dina_lrm.testing.tiny_sd3 import sd3_transformer, small_vae
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
 T5_TOKENS = 4  # zero tokens in T5's slot (SD3 without T5): the prompt encoder's max_sequence_length
-
-
-@dataclass
-class ToyGeneratorConfig:
-    image_size: int = 64
-    latent_channels: int = 4
-    vae_channels: tuple[int, ...] = (32, 64, 64)  # 3 levels: 4x downsampling
-    num_layers: int = 4
-    dual_attention_layers: tuple[int, ...] = (0, 1, 2)
-    attention_head_dim: int = 32
-    num_attention_heads: int = 4
-    clip_width: int = 64  # each CLIP; their states are concatenated (2 * clip_width = joint width)
-    clip_layers: int = 2
-    max_prompt_tokens: int = 16
-    shift: float = 1.0
-
-    @property
-    def hidden_size(self) -> int:
-        return self.attention_head_dim * self.num_attention_heads
-
-    @property
-    def latent_size(self) -> int:
-        return self.image_size // 2 ** (len(self.vae_channels) - 1)
 
 
 def vocabulary() -> list[str]:

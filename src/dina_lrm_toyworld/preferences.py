@@ -20,25 +20,12 @@ from tqdm import tqdm
 
 from dina_lrm.data.shards import PairRecord
 from dina_lrm.models.sd3_text import SD3PromptEncoder
+from dina_lrm_toyworld.config import PreferenceDataConfig
 from dina_lrm_toyworld.corruptions import DEFECTS, SEMANTIC, add_defect, corrupt_scene
 from dina_lrm_toyworld.generator import decode_latents, encode_latents, images_to_tensor
 from dina_lrm_toyworld.judge import Judge
 from dina_lrm_toyworld.pretrain import UNCONDITIONAL_PROMPT
 from dina_lrm_toyworld.scenes import PromptSpec, render, scene_for
-
-
-@dataclass
-class PreferenceDataConfig:
-    train_prompts: int = 450
-    test_prompts: int = 60
-    samples_per_prompt: int = 6
-    corruptions_per_prompt: int = 4
-    flip_rate: float = 0.2
-    min_judge_gap: float = 0.05  # pairs closer than this in judge score are ties, left out
-    sampling_steps: int = 12
-    guidance_scale: float = 4.0
-    batch_size: int = 128
-    seed: int = 0
 
 
 @dataclass

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -30,42 +30,12 @@ from tqdm import tqdm
 
 from dina_lrm.models.sd3_text import SD3PromptEncoder
 from dina_lrm.pipelines import DTYPES, load_pipeline
+from dina_lrm_toyworld.config import PretrainConfig
 from dina_lrm_toyworld.corruptions import DEFECTS, add_defect
-from dina_lrm_toyworld.generator import (
-    T5_TOKENS,
-    ToyGeneratorConfig,
-    build_toy_pipeline,
-    decode_latents,
-    encode_latents,
-    images_to_tensor,
-)
+from dina_lrm_toyworld.generator import T5_TOKENS, build_toy_pipeline, decode_latents, encode_latents, images_to_tensor
 from dina_lrm_toyworld.scenes import confused, render, sample_prompt, scene_for
 
 UNCONDITIONAL_PROMPT = ""
-
-
-@dataclass
-class PretrainConfig:
-    seed: int = 0
-    vae_steps: int = 2000
-    vae_batch: int = 32
-    vae_crop: int = 32
-    vae_lr: float = 1e-3
-    kl_weight: float = 1e-6
-    defect_rate: float = 0.3
-    confusion_rate: float = 0.0  # share of object groups rendered in their CONFUSIONS colour (the caption unchanged)
-    dataset_size: int = 30000
-    generator_steps: int = 9000
-    generator_batch: int = 64
-    generator_lr: float = 1e-3
-    warmup_steps: int = 200
-    cfg_dropout: float = 0.1
-    ema_decay: float = 0.999
-    train_text_encoders: bool = True  # False: only the transformer learns (the biased base keeps the shipped text encoders)
-    vae_from: str = ""  # a toy pipeline directory whose trained VAE is reused (stage 1 is skipped)
-    generator_from: str = ""  # a toy pipeline directory to continue from (its VAE is kept, stage 1 is skipped)
-    save_dtype: str = "float32"  # float16 halves the files (the shipped early generator)
-    generator: ToyGeneratorConfig = field(default_factory=ToyGeneratorConfig)
 
 
 def render_training_images(count: int, rng: np.random.Generator, defect_rate: float = 0.0,
