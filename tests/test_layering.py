@@ -54,3 +54,23 @@ def test_no_import_cycles_in_the_library():
         if start not in state:
             visit(start, [start])
     assert cycles == []
+
+
+def test_the_toy_world_uses_only_the_public_api():
+    """It plugs in as a user's code would: names from ``dina_lrm`` itself (its ``__all__``) and the tiny
+    test models of ``dina_lrm.testing``, never a library module's internals."""
+    import dina_lrm
+
+    reached, unknown = {}, {}
+    for path in (SRC / "dina_lrm_toyworld").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                       else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            inside = [m for m in modules if m.startswith("dina_lrm.")]
+            if inside and not all(m.startswith("dina_lrm.testing") for m in inside):
+                reached.setdefault(path.name, []).extend(inside)
+            if isinstance(node, ast.ImportFrom) and node.module == "dina_lrm":
+                missing = [a.name for a in node.names if a.name not in dina_lrm.__all__]
+                if missing:
+                    unknown[path.name] = missing
+    assert reached == {} and unknown == {}

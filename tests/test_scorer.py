@@ -1,3 +1,4 @@
+import os
 import numpy as np
 import pytest
 import torch
@@ -161,7 +162,7 @@ class TestBadInput:
 
 def test_a_scorer_without_text_encoders_loads_none_and_scores_embeddings_as_the_full_one(reward_dir, pipeline_dir, scorer):
     """RL trainers pass the policy's prompt embeddings: the scorer need not load CLIP or T5 at all."""
-    lean = Scorer.from_pretrained(reward_dir, pipeline_dir, text_encoders=False)
+    lean = Scorer.from_pretrained(reward_dir, pipeline_dir, text_encoders="none")
     assert lean.prompt_encoder is None
     latents, prompts = make_latents(2), ["a red circle", "a blue square"]
     states, pooled = scorer.prompt_encoder(prompts)
@@ -198,3 +199,88 @@ def test_a_model_missing_what_the_scorer_calls_is_refused_when_the_scorer_is_bui
         Scorer(Stale(scorer.model), scorer.prompt_encoder, scorer.sigma_table)
     with pytest.raises(TypeError, match=r"Linear is not a latent reward model a Scorer can call: it lacks \['config', 'base_backbone'"):
         Scorer(torch.nn.Linear(2, 2), scorer.prompt_encoder, scorer.sigma_table)
+
+
+@pytest.mark.parametrize("mode", ["device", "cpu", "none"])
+def test_every_loading_mode_scores_as_the_whole_pipeline_and_holds_no_block_past_the_kept_ones(reward_dir, pipeline_dir, mode):
+    from dina_lrm.pipelines import load_pipeline
+
+    whole_pipe = load_pipeline(pipeline_dir)
+    whole = Scorer.from_pipeline(reward_dir, whole_pipe)
+    lean = Scorer.from_pretrained(reward_dir, pipeline_dir, text_encoders=mode)
+    latents, prompts = make_latents(2, seed=5), ["a red circle", "two blue squares"]
+    states, pooled = whole.prompt_encoder(prompts)
+    expected = whole.score(prompts, latents=latents, noise_levels=[0.3, 0.6], seed=3).raw
+    text = {"prompt_embeds": states, "pooled_prompt_embeds": pooled} if mode == "none" else {"prompts": prompts}
+    torch.testing.assert_close(lean.score(latents=latents, noise_levels=[0.3, 0.6], seed=3, **text).raw, expected, rtol=0, atol=1e-6)
+    kept = lean.model.config.model.num_transformer_layers
+    assert len(whole_pipe.transformer.transformer_blocks) > kept == len(lean.model.base_backbone.transformer_blocks)
+    assert sum(p.numel() for p in lean.model.parameters()) == sum(p.numel() for p in whole.model.parameters())
+    assert not any(t.is_meta for t in (*lean.model.parameters(), *lean.model.buffers()))
+    assert (lean.prompt_encoder is None) == (mode == "none")
+
+
+def test_loading_a_reward_allocates_no_tensor_of_a_dropped_block(reward_dir, pipeline_dir):
+    """In a fresh process: after loading for embeddings only, every live tensor belongs to the reward
+    (the kept modules, LoRA, head), the VAE or the sigma table (views share their base's storage); the
+    dropped blocks, norm_out and proj_out were never read."""
+    import subprocess
+    import sys
+
+    code = f"""
+import gc, torch
+from dina_lrm import Scorer
+from dina_lrm.pipelines import load_pipeline
+scorer = Scorer.from_pretrained({str(reward_dir)!r}, {str(pipeline_dir)!r}, text_encoders="none")
+gc.collect()
+alive = {{id(t): t for t in gc.get_objects() if isinstance(t, torch.Tensor) and not t.is_meta and t.numel() > 64}}
+tables = [t for t in vars(scorer.sigma_table).values() if isinstance(t, torch.Tensor)]
+owned = {{t.untyped_storage().data_ptr() for m in (scorer.model, scorer.vae) for t in (*m.parameters(), *m.buffers())}}
+owned |= {{t.untyped_storage().data_ptr() for t in tables}}
+stray = [tuple(t.shape) for t in alive.values() if t.untyped_storage().data_ptr() not in owned]
+transformer = load_pipeline({str(pipeline_dir)!r}).transformer
+dropped = sum(p.numel() for b in transformer.transformer_blocks[scorer.model.config.model.num_transformer_layers:] for p in b.parameters())
+print(stray, file=__import__("sys").stderr)
+print(len(stray), sum(t.numel() for t in alive.values()), dropped)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    stray, owned, dropped = map(int, out.stdout.split()[-3:])
+    assert stray == 0 and owned > 0 and dropped > 0
+
+
+def test_only_the_kept_tensors_are_read_and_the_whole_transformer_never_loads(reward_dir, pipeline_dir, monkeypatch):
+    import dina_lrm.pipelines as pipelines
+    import dina_lrm.scorer as scorer_module
+
+    read, skipped = [], []
+    real_open, real_load = pipelines.safe_open, scorer_module.load_pipeline
+
+    class Spy:
+        def __init__(self, *args, **kwargs):
+            self.handle = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.inner = self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_tensor(self, name):
+            read.append(name)
+            return self.inner.get_tensor(name)
+
+    def load_pipeline(model, dtype, skip=()):
+        skipped.extend(skip)
+        return real_load(model, dtype, skip=skip)
+
+    monkeypatch.setattr(pipelines, "safe_open", Spy)
+    monkeypatch.setattr(scorer_module, "load_pipeline", load_pipeline)
+    scorer = Scorer.from_pretrained(reward_dir, pipeline_dir, text_encoders="none")
+    kept = scorer.model.config.model.num_transformer_layers
+    assert "transformer" in skipped and "text_encoder_3" in skipped
+    assert read and all(name.split(".")[0] in ("pos_embed", "time_text_embed", "context_embedder", "transformer_blocks") for name in read)
+    assert max(int(name.split(".")[1]) for name in read if name.startswith("transformer_blocks.")) == kept - 1

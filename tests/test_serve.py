@@ -210,3 +210,24 @@ def test_cli_serve_starts_answers_and_refuses_a_bad_reward_dir(reward_dir, pipel
     bad = subprocess.run([sys.executable, "-m", "dina_lrm", "serve", "--reward", str(tmp_path / "nowhere"), "--model", str(pipeline_dir)],
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "reward model directory not found" in bad.stderr
+
+
+def test_a_server_without_text_encoders_scores_embeddings_and_refuses_prompts_with_a_400(server, reward_dir, pipeline_dir):
+    full, _ = server
+    service = load_service(ServeConfig(reward=str(reward_dir), model=str(pipeline_dir), max_wait_ms=1, text_encoders="none"))
+    httpd = make_server(service)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        assert service.scorer.prompt_encoder is None
+        latents, prompts = make_latents(2, seed=3), ["a red circle", "a cat"]
+        states, pooled = embeds(full, prompts)
+        reply = RewardClient(url).score(latents, prompt_embeds=states, pooled_prompt_embeds=pooled, seeds=[1, 2])
+        assert reply["raw_scores"] == pytest.approx(in_process(full, latents, prompts, [1, 2]).raw.tolist(), abs=1e-5)
+        with pytest.raises(RewardServerError, match="400.*no text encoders.*send prompt_embeds"):
+            RewardClient(url).score(latents, prompts=prompts, seeds=[1, 2])
+        assert RewardClient(url).metadata()["inputs"]["text_encoders"] == "none"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        service.close()

@@ -12,7 +12,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import dina_lrm
-from dina_lrm.config import AUTOCAST_NAMES, DTYPE_NAMES, IMAGE_U, DiNaConfig, add_config_arguments, load_settings, parse_levels
+from dina_lrm.config import AUTOCAST_NAMES, DTYPE_NAMES, IMAGE_U, TEXT_ENCODER_MODES, DiNaConfig, add_config_arguments, load_settings, parse_levels
 from dina_lrm.data.config import PrepareConfig
 from dina_lrm.eval.config import EvalConfig
 from dina_lrm.search_config import SearchConfig
@@ -74,7 +74,7 @@ def run_score(args) -> int:
 
     scorer = Scorer.from_pretrained(
         args.reward, args.model, device=args.device, dtype=DTYPES[args.dtype], max_sequence_length=args.max_sequence_length,
-        autocast=args.autocast,
+        autocast=args.autocast, text_encoders=args.text_encoders,
     )
     result = scorer.score(
         [p for p, _ in pairs],
@@ -214,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--device", default="cpu")
     score.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     score.add_argument("--autocast", choices=AUTOCAST_NAMES, help="run the backbone in half precision, the head in --dtype")
+    score.add_argument("--text-encoders", choices=[m for m in TEXT_ENCODER_MODES if m != "none"], default="device",
+                       help="where CLIP / T5 live while prompts encode: device or cpu (serve and the API also take none)")
     score.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: the number the reward model was trained with)")
     score.add_argument("--json", action="store_true", help="machine-readable output")
     score.set_defaults(func=run_score)

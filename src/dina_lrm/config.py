@@ -24,6 +24,7 @@ import yaml
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the precisions every command accepts
 AUTOCAST_NAMES = ("bf16", "fp16")  # the backbone under autocast in half precision, the head in the model's dtype
+TEXT_ENCODER_MODES = ("device", "cpu", "none")  # where a scorer's text encoders live ("none": not loaded, embeddings only)
 
 
 # The default noise level u to score at, one per kind of input: a generator's own clean latents

@@ -6,20 +6,21 @@ import inspect
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
 
-from dina_lrm.config import AUTOCAST_NAMES
+from dina_lrm.config import AUTOCAST_NAMES, TEXT_ENCODER_MODES, load_config
 from dina_lrm.data.images import center_crop_to_multiple, load_images, vae_encode, vae_scale_factor
 from dina_lrm.losses import pair_probability, thurstone_variance
 from dina_lrm.models.backbones import prompt_encoder_for
-from dina_lrm.models.checkpoint import open_directory
+from dina_lrm.models.checkpoint import CONFIG_NAME, open_directory
 from dina_lrm.models.prompt_cache import CachedPromptEncoder, padded_with_mask
 from dina_lrm.models.reward_model import DiNaLRM
 from dina_lrm.noise import SigmaTable, add_noise, default_u
-from dina_lrm.pipelines import load_pipeline
+from dina_lrm.pipelines import load_kept_transformer, load_pipeline
 
 SCORE_OFFSET, SCORE_SCALE = 10.0, 10.0
 VAE_BATCH = 16  # images per VAE encoder pass
@@ -66,6 +67,16 @@ def check_reward_model(model) -> None:
         raise TypeError(f"{type(model).__name__} is not a latent reward model a Scorer can call: it lacks {missing}")
     if "max_batch_items" not in inspect.signature(model.forward_ensemble).parameters:
         raise TypeError(f"{type(model).__name__}.forward_ensemble must take max_batch_items (see DiNaLRM.forward_ensemble)")
+
+
+def load_reward_pipeline(reward_dir: Path, model_id_or_dir: str | Path, dtype: torch.dtype, text_encoders: bool = True):
+    """The generator's pipeline as a reward in ``reward_dir`` needs it: its transformer holding only the
+    modules the reward keeps (:func:`~dina_lrm.pipelines.load_kept_transformer`), the VAE and scheduler,
+    and the text encoders unless ``text_encoders`` is False. Nothing is moved: it loads on the CPU."""
+    config = load_config(Path(reward_dir) / CONFIG_NAME)
+    pipe = load_pipeline(model_id_or_dir, dtype, skip=("transformer",) + (() if text_encoders else TEXT_COMPONENTS))
+    pipe.register_modules(transformer=load_kept_transformer(model_id_or_dir, partial(DiNaLRM.kept_modules, config), dtype))
+    return pipe
 
 
 class NonFiniteScoreError(FloatingPointError):
@@ -133,21 +144,30 @@ class Scorer:
         max_batch_items: int | None = None,
         autocast: str | None = None,
         compile: bool = False,
-        text_encoders: bool = True,
+        text_encoders: str = "device",
     ) -> Scorer:
-        """``pipeline_or_model_id``: a loaded diffusers pipeline, a local pipeline directory or a hub id.
+        """``pipeline_or_model_id``: a local pipeline directory or a hub id, from which only what the reward
+        keeps is loaded (the transformer's embeddings and first blocks, the VAE, the text encoders as
+        ``text_encoders`` says); or a loaded diffusers pipeline, whose modules the reward shares
+        (docs/scoring.md says what stays shared and how to free the rest).
+        ``text_encoders``: ``device`` (on ``device``), ``cpu`` (kept on the CPU: prompts encode there, the
+        embeddings move), or ``none`` (not loaded: callers pass prompt embeddings, as RL trainers and
+        verl-omni's protocol do; a prompt is refused). They load in ``dtype``.
         ``autocast``: "bf16" or "fp16" runs the backbone in half precision, the head in ``dtype``;
-        ``compile``: ``torch.compile`` the kept blocks (docs/performance.md measures both);
-        ``text_encoders=False``: the pipeline loads without its text encoders and tokenizers (CLIP, T5,
-        Qwen2.5-VL...), for callers that pass prompt embeddings (RL trainers, verl-omni's protocol)."""
+        ``compile``: ``torch.compile`` the kept blocks (docs/performance.md measures both)."""
         if autocast is not None and autocast not in AUTOCAST:
             raise ValueError(f"unknown autocast {autocast!r}; choose one of {sorted(AUTOCAST)}")
+        if text_encoders not in TEXT_ENCODER_MODES:
+            raise ValueError(f"unknown text_encoders {text_encoders!r}; choose one of {TEXT_ENCODER_MODES}")
         reward_dir = open_directory(reward_dir, checksums=False)  # a wrong path fails before the generator loads
         pipe = pipeline_or_model_id
         if isinstance(pipe, (str, Path)):
-            pipe = load_pipeline(pipe, dtype, skip=() if text_encoders else TEXT_COMPONENTS)
-        pipe.to(device)
-        scorer = cls.from_pipeline(reward_dir, pipe, max_sequence_length, max_batch_items, text_encoders)
+            pipe = load_reward_pipeline(reward_dir, pipe, dtype, text_encoders != "none")
+        model = DiNaLRM.from_pretrained(reward_dir, pipe.transformer).to(device)
+        for name in ("vae", *(TEXT_COMPONENTS if text_encoders == "device" else ())):
+            if isinstance(getattr(pipe, name, None), torch.nn.Module):
+                getattr(pipe, name).to(device)
+        scorer = cls.from_model(model, pipe, max_sequence_length, max_batch_items, text_encoders != "none")
         scorer.model.enable_autocast(AUTOCAST[autocast] if autocast else None)
         if compile:
             scorer.model.compile_blocks()
@@ -255,7 +275,7 @@ class Scorer:
             if prompt_embeds is not None or pooled_prompt_embeds is not None:
                 raise ValueError("pass prompts or prompt_embeds + pooled_prompt_embeds, not both")
             if self.prompt_encoder is None:
-                raise ValueError("this scorer has no text encoders (built with text_encoders=False): pass prompt_embeds "
+                raise ValueError("this scorer has no text encoders (built with text_encoders='none'): pass prompt_embeds "
                                  "and pooled_prompt_embeds instead of prompts")
             return self.prompt_encoder(_match_prompts(prompts, count))
         if isinstance(prompt_embeds, (list, tuple)):  # Z-Image's pipeline: one (tokens, width) tensor per prompt

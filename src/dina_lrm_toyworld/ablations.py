@@ -22,25 +22,32 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dina_lrm.config import DiNaConfig
-from dina_lrm.data.shards import PairRecord, PairTable, load_preference_shards, write_preference_shards
-from dina_lrm.eval.cost import count_flops
-from dina_lrm.eval.pairwise import bootstrap_interval, pair_wins
-from dina_lrm.models.reward_model import DiNaLRM
-from dina_lrm.models.sd3_text import SD3PromptEncoder
-from dina_lrm.noise import NoiseSampler, SigmaTable
-from dina_lrm.pipelines import load_pipeline
-from dina_lrm.scorer import Scorer
-from dina_lrm_toyworld.config import AblationConfig, ENSEMBLE, ROW_BY_NAME, Row, Variant
+from dina_lrm import (
+    DiNaConfig,
+    DiNaLRM,
+    NoiseSampler,
+    PairRecord,
+    PairTable,
+    Scorer,
+    SD3PromptEncoder,
+    SigmaTable,
+    bootstrap_interval,
+    count_flops,
+    load_pipeline,
+    load_preference_shards,
+    pair_wins,
+    write_preference_shards,
+)
 from dina_lrm_toyworld.ablations_report import write_ablation_report
 from dina_lrm_toyworld.alignment import in_workers
 from dina_lrm_toyworld.benchmark import write_toy_benchmark
+from dina_lrm_toyworld.config import ENSEMBLE, ROW_BY_NAME, AblationConfig, Row, Variant
 from dina_lrm_toyworld.demo import DEMO_MODEL, build_preference_data, dina_step_fn, load_generator
 from dina_lrm_toyworld.generator import T5_TOKENS, decode_latents, encode_latents, images_to_tensor
 from dina_lrm_toyworld.lrm_baseline import PooledCosineLRM, lrm_preference_step
+from dina_lrm_toyworld.pairs import FitConfig, PairBatches, fit_pairs, step_flops
 from dina_lrm_toyworld.pixel_reward import PixelReward, decode_for_reward, pixel_preference_step
 from dina_lrm_toyworld.rewards import CLAUSES, JUDGE, clause_rates
-from dina_lrm_toyworld.pairs import FitConfig, PairBatches, fit_pairs, step_flops
 
 GAP_BINS = {"gap < 0.1": (-1.0, 0.1), "0.1-0.2": (0.1, 0.2), "gap >= 0.2": (0.2, 2.0)}  # one clause of a relation prompt is ~0.095
 

@@ -35,25 +35,28 @@ from diffusers import SD3Transformer2DModel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextModelWithProjection
 
-from dina_lrm.align.config import AlignConfig
-from dina_lrm.align.reward_spec import RewardSpec, build_reward
-from dina_lrm.align.trainer import Aligner
-from dina_lrm.data.shards import PairRecord, load_preference_shards, write_preference_shards
-from dina_lrm.eval.cost import count_flops
-from dina_lrm.eval.pairwise import bootstrap_interval
-from dina_lrm.models.backbones import policy_for
-from dina_lrm.models.sd3_text import SD3PromptEncoder
-from dina_lrm.pipelines import load_pipeline
-from dina_lrm_toyworld.config import BIASED_BASE_RECIPE, GATE, RUNS, ToyAlignmentConfig
+from dina_lrm import (
+    AlignConfig,
+    Aligner,
+    PairRecord,
+    RewardSpec,
+    SD3PromptEncoder,
+    bootstrap_interval,
+    build_reward,
+    count_flops,
+    load_pipeline,
+    load_preference_shards,
+    policy_for,
+    write_preference_shards,
+)
 from dina_lrm_toyworld.alignment_report import write_alignment_report
+from dina_lrm_toyworld.config import BIASED_BASE_RECIPE, GATE, RUNS, DemoConfig, PretrainConfig, ToyAlignmentConfig
 from dina_lrm_toyworld.corruptions import corrupt_scene
 from dina_lrm_toyworld.demo import SHIPPED_GENERATOR, build_preference_data, subset, train_dina, train_pixel
-from dina_lrm_toyworld.config import DemoConfig
 from dina_lrm_toyworld.generator import T5_TOKENS, encode_latents, images_to_tensor
-from dina_lrm_toyworld.config import PretrainConfig
+from dina_lrm_toyworld.pairs import PairBatches
 from dina_lrm_toyworld.rewards import CLAUSES, load_pixel_reward, save_pixel_reward
 from dina_lrm_toyworld.scenes import parse_prompt, render, sample_prompts, scene_for
-from dina_lrm_toyworld.pairs import PairBatches
 
 BASES = {"biased": Path(__file__).parent / "pretrained_biased", "early": Path(__file__).parent / "pretrained_early"}
 JUDGE = RewardSpec(kind="python", target="dina_lrm_toyworld.rewards:judge", name="judge")

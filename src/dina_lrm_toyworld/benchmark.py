@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dina_lrm_toyworld.corruptions import corrupt_scene
 from dina_lrm_toyworld.judge import Judge
 from dina_lrm_toyworld.preferences import corrupted_render
-from dina_lrm_toyworld.corruptions import corrupt_scene
 from dina_lrm_toyworld.scenes import parse_prompt, render, sample_prompts, scene_for
 
 

@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from dina_lrm.config import add_config_arguments, load_settings
+from dina_lrm import add_config_arguments, load_settings
 from dina_lrm_toyworld.config import BIASED_BASE_RECIPE, AblationConfig, DemoConfig, PretrainConfig, ToyAlignmentConfig
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from dina_lrm.config import DTYPE_NAMES, setting
+from dina_lrm import DTYPE_NAMES, setting
 
 U_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 

@@ -25,31 +25,36 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dina_lrm.config import DiNaConfig
-from dina_lrm.data.shards import PairTable, load_preference_shards, write_preference_shards
-from dina_lrm.eval.pairwise import bootstrap_interval, pair_wins
-from dina_lrm.eval.runner import EvalConfig, evaluate
-from dina_lrm.models.reward_model import DiNaLRM
-from dina_lrm.models.sd3_text import SD3PromptEncoder
-from dina_lrm.noise import NoiseSampler, SigmaTable
-from dina_lrm.outputs import claim_output
-from dina_lrm.pipelines import load_pipeline
-from dina_lrm.scorer import Scorer
-from dina_lrm_toyworld.config import DemoConfig, U_GRID
+from dina_lrm import (
+    DiNaConfig,
+    DiNaLRM,
+    EvalConfig,
+    NoiseSampler,
+    PairTable,
+    Scorer,
+    SD3PromptEncoder,
+    SigmaTable,
+    bootstrap_interval,
+    claim_output,
+    evaluate,
+    load_pipeline,
+    load_preference_shards,
+    pair_wins,
+    preference_step,
+    write_preference_shards,
+)
 from dina_lrm_toyworld.benchmark import write_toy_benchmark
+from dina_lrm_toyworld.config import U_GRID, DemoConfig, PreferenceDataConfig, PretrainConfig
 from dina_lrm_toyworld.generator import T5_TOKENS
 from dina_lrm_toyworld.judge import Judge
+from dina_lrm_toyworld.pairs import FitConfig, PairBatches, fit_pairs, step_flops
 from dina_lrm_toyworld.pixel_reward import PixelReward, decode_for_reward, pixel_preference_step
 from dina_lrm_toyworld.preferences import candidate_pairs, corruption_candidates, generated_candidates, label_pairs
-from dina_lrm_toyworld.config import PreferenceDataConfig
 from dina_lrm_toyworld.pretrain import pretrain, reconstruction_psnr
-from dina_lrm_toyworld.config import PretrainConfig
 from dina_lrm_toyworld.report import write_report
 from dina_lrm_toyworld.rewards import save_pixel_reward
-from dina_lrm_toyworld.search_experiment import run_search_experiment
 from dina_lrm_toyworld.scenes import render, sample_prompts, scene_for
-from dina_lrm_toyworld.pairs import FitConfig, PairBatches, fit_pairs, step_flops
-from dina_lrm.train.step import preference_step
+from dina_lrm_toyworld.search_experiment import run_search_experiment
 
 SHIPPED_GENERATOR = Path(__file__).parent / "pretrained"
 SHIPPED_REWARD = Path(__file__).parent / "pretrained_reward"  # the demo's DiNa-LRM (Thurstone), copied from demo_out/reward_model

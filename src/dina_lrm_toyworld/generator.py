@@ -8,17 +8,16 @@ template vocabulary, built with ``tokenizers``.
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast
 
-from dina_lrm.data.images import vae_decode, vae_encode
+from dina_lrm import vae_decode, vae_encode
+from dina_lrm.testing.tiny_sd3 import sd3_transformer, small_vae
 from dina_lrm_toyworld.config import ToyGeneratorConfig
 from dina_lrm_toyworld.scenes import COLOURS, COUNT_WORDS, SHAPES, SIZES
-from dina_lrm.testing.tiny_sd3 import sd3_transformer, small_vae
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
 T5_TOKENS = 4  # zero tokens in T5's slot (SD3 without T5): the prompt encoder's max_sequence_length

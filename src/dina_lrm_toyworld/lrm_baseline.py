@@ -14,10 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dina_lrm.losses import preference_loss
-from dina_lrm.models.reward_model import DiNaLRM
-from dina_lrm.noise import NoiseSampler, SigmaTable, add_noise
-from dina_lrm.train.step import PreferenceBatch, StepOutput, draw_noise
+from dina_lrm import DiNaLRM, NoiseSampler, PreferenceBatch, SigmaTable, StepOutput, add_noise, draw_noise, preference_loss
 
 
 class PooledCosineHead(nn.Module):

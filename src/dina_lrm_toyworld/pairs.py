@@ -16,9 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from dina_lrm.data.shards import PairTable
-from dina_lrm.models.prompt_cache import CachedPromptEncoder
-from dina_lrm.train.step import PreferenceBatch, StepOutput
+from dina_lrm import CachedPromptEncoder, PairTable, PreferenceBatch, StepOutput
 
 StepFn = Callable[[PreferenceBatch, torch.Generator], StepOutput]
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dina_lrm.data.images import vae_decode
-from dina_lrm.losses import preference_loss
-from dina_lrm.train.step import PreferenceBatch, StepOutput
+from dina_lrm import PreferenceBatch, StepOutput, preference_loss, vae_decode
 
 
 class FiLMConvStage(nn.Module):

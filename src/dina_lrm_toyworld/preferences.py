@@ -18,8 +18,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from tqdm import tqdm
 
-from dina_lrm.data.shards import PairRecord
-from dina_lrm.models.sd3_text import SD3PromptEncoder
+from dina_lrm import PairRecord, SD3PromptEncoder
 from dina_lrm_toyworld.config import PreferenceDataConfig
 from dina_lrm_toyworld.corruptions import DEFECTS, SEMANTIC, add_defect, corrupt_scene
 from dina_lrm_toyworld.generator import decode_latents, encode_latents, images_to_tensor

@@ -28,8 +28,7 @@ from diffusers import AutoencoderKL, StableDiffusion3Pipeline
 from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
-from dina_lrm.models.sd3_text import SD3PromptEncoder
-from dina_lrm.pipelines import DTYPES, load_pipeline
+from dina_lrm import DTYPES, SD3PromptEncoder, load_pipeline
 from dina_lrm_toyworld.config import PretrainConfig
 from dina_lrm_toyworld.corruptions import DEFECTS, add_defect
 from dina_lrm_toyworld.generator import T5_TOKENS, build_toy_pipeline, decode_latents, encode_latents, images_to_tensor

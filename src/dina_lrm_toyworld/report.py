@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from dina_lrm.scorer import Scorer
+from dina_lrm import Scorer
 from dina_lrm_toyworld.search_experiment import search_markdown
 
 GRID_SAMPLES = 16

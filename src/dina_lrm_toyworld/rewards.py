@@ -15,8 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dina_lrm.models.sd3_text import SD3PromptEncoder
-from dina_lrm.pipelines import load_pipeline
+from dina_lrm import SD3PromptEncoder, load_pipeline
 from dina_lrm_toyworld.generator import T5_TOKENS
 from dina_lrm_toyworld.judge import Judge, JudgeResult
 from dina_lrm_toyworld.pixel_reward import PixelReward

@@ -20,11 +20,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from dina_lrm.align.sampling import euler_step, initial_noise
-from dina_lrm.data.images import vae_decode
-from dina_lrm.eval.cost import count_flops, scoring_flops
-from dina_lrm.rewards import Setting
-from dina_lrm.search import Searcher, SearchConfig
+from dina_lrm import SearchConfig, Searcher, Setting, count_flops, euler_step, initial_noise, scoring_flops, vae_decode
 from dina_lrm_toyworld.generator import T5_TOKENS
 from dina_lrm_toyworld.pixel_reward import PixelReward
 from dina_lrm_toyworld.rewards import judge_scores

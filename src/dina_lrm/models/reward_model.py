@@ -38,9 +38,7 @@ class DiNaLRM(nn.Module):
                 "this transformer already carries LoRA layers (another DiNaLRM shares its blocks); "
                 "pass a fresh transformer, e.g. copy.deepcopy(pipe.transformer) or a new from_pretrained"
             )
-        backbone = backbone_for(transformer, model_cfg.backbone, model_cfg.backbone_model_id)(
-            transformer, model_cfg.num_transformer_layers, model_cfg.visual_taps, model_cfg.text_taps
-        )
+        backbone = self.kept_modules(self.config, transformer)
         self.backbone_name = backbone_name(transformer)  # the registry's name: sd3, flux, zimage, qwenimage
         stated = model_cfg.reward_head.t_emb_dim
         if stated is not None and stated != backbone.temb_dim:
@@ -53,11 +51,20 @@ class DiNaLRM(nn.Module):
             backbone.requires_grad_(model_cfg.backbone_mode == "full")
         self.backbone = backbone
         self.autocast_dtype: torch.dtype | None = None  # enable_autocast
-        reference = next(transformer.parameters())
+        reference = next(p for name, p in self.base_backbone.named_parameters() if "lora_" not in name)
         base = self.base_backbone
         self.reward_head = RewardHead(
             model_cfg.reward_head, base.hidden_size, len(model_cfg.visual_taps), len(model_cfg.text_taps), base.temb_dim
         ).to(device=reference.device, dtype=reference.dtype)
+
+    @staticmethod
+    def kept_modules(config: DiNaConfig, transformer: nn.Module) -> nn.Module:
+        """The part of ``transformer`` a reward of ``config`` reads: its backbone (embeddings and the first
+        blocks), before LoRA. Everything else (later blocks, the output norm and projection) it never uses."""
+        model = config.model
+        return backbone_for(transformer, model.backbone, model.backbone_model_id)(
+            transformer, model.num_transformer_layers, model.visual_taps, model.text_taps
+        )
 
     @property
     def base_backbone(self) -> nn.Module:

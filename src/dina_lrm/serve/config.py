@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from dina_lrm.config import AUTOCAST_NAMES, DTYPE_NAMES, LATENT_U, from_dict, setting
+from dina_lrm.config import AUTOCAST_NAMES, DTYPE_NAMES, LATENT_U, TEXT_ENCODER_MODES, from_dict, setting
 
 API_KEY_ENV = "DINA_LRM_API_KEY"
 
@@ -28,6 +28,8 @@ class ServeConfig:
     max_request_mb: float = setting(64.0, "larger request bodies get HTTP 413")
     default_u: float = setting(LATENT_U, "noise level when a request gives none (clients send a generator's clean latents)")
     max_sequence_length: int | None = setting(None, "T5 tokens when the server encodes prompts (default: the model's own)")
+    text_encoders: str = setting("device", "where the text encoders live: device, cpu (prompts encode there), or none (not loaded: "
+                                 "clients send prompt embeddings, a prompt gets HTTP 400)", choices=TEXT_ENCODER_MODES)
     max_prompts: int = setting(256, "prompts per request; more get HTTP 413")
     max_prompt_chars: int = setting(2000, "characters per prompt; longer get HTTP 413")
     idle_timeout_s: float = setting(30.0, "close a connection that sends no request for this long")
@@ -49,6 +51,8 @@ class ServeConfig:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {sorted(DTYPE_NAMES)}")
         if self.autocast not in ("", *AUTOCAST_NAMES):
             raise ValueError(f"unknown autocast {self.autocast!r}; choose one of {sorted(AUTOCAST_NAMES)}")
+        if self.text_encoders not in TEXT_ENCODER_MODES:
+            raise ValueError(f"unknown text_encoders {self.text_encoders!r}; choose one of {TEXT_ENCODER_MODES}")
         if self.max_request_mb <= 0 or not 0 <= self.default_u <= 1:
             raise ValueError("max_request_mb must be > 0 and default_u in [0, 1]")
         positive = ("max_prompts", "max_prompt_chars", "idle_timeout_s", "header_timeout_s", "body_timeout_s", "max_connections", "backlog")

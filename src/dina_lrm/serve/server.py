@@ -89,6 +89,9 @@ class RewardService:
     def _text(self, request: ScoreRequest) -> tuple[torch.Tensor, torch.Tensor]:
         if request.prompts is None:
             return request.prompt_embeds, request.pooled_prompt_embeds
+        if self.scorer.prompt_encoder is None:
+            raise BadRequest(400, "this server loaded no text encoders (--text-encoders none): send prompt_embeds and "
+                                  "pooled_prompt_embeds tensors instead of prompts")
         with self._text_lock:
             states, pooled = self.scorer.prompt_encoder(request.prompts)
         return states.cpu(), pooled.cpu()
@@ -129,7 +132,8 @@ class RewardService:
                 "patch_size": backbone.patch_size,
                 "prompt_embeds_width": backbone.text_width,
                 "pooled_prompt_embeds_width": "text mask (B, tokens)" if backbone.pooled_width is None else backbone.pooled_width,
-                "max_sequence_length": self.scorer.prompt_encoder.max_sequence_length,
+                "max_sequence_length": self.scorer.prompt_encoder.max_sequence_length if self.scorer.prompt_encoder else None,
+                "text_encoders": config.text_encoders,
             },
             "score_scale": {
                 "raw": "the reward head's output; differences are Thurstone utilities",
@@ -478,7 +482,7 @@ def load_service(config: ServeConfig) -> RewardService:
     config.validate()
     scorer = Scorer.from_pretrained(
         config.reward, config.model, device=config.device, dtype=DTYPES[config.dtype], max_sequence_length=config.max_sequence_length,
-        autocast=config.autocast or None, compile=config.compile,
+        autocast=config.autocast or None, compile=config.compile, text_encoders=config.text_encoders,
     )
     return RewardService(scorer, config)
 
