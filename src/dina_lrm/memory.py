@@ -17,18 +17,29 @@ def resident_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def anonymous_bytes() -> int:
+    """The process's anonymous resident memory now (Linux): its own allocations, without the pages of
+    memory-mapped files (safetensors), which a device would hold as copies."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("no RssAnon in /proc/self/status (not Linux?)")
+
+
 class MemoryMeter:
     """Peak memory while the block runs: CUDA's peak allocation on a GPU; on CPU the process's
-    resident set, sampled every 5 ms (the allocator may keep freed memory, so this is an upper bound)."""
+    resident set (``anonymous``: its anonymous part only), sampled every 5 ms (the allocator may keep
+    freed memory, so this is an upper bound)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, anonymous: bool = False):
         self.device = torch.device(device)
         self.peak_bytes = 0
+        self.read = anonymous_bytes if anonymous else resident_bytes
         self._stop = threading.Event()
 
     def _sample(self) -> None:
         while not self._stop.wait(0.005):
-            self.peak_bytes = max(self.peak_bytes, resident_bytes())
+            self.peak_bytes = max(self.peak_bytes, self.read())
 
     def __enter__(self) -> MemoryMeter:
         return self.start()
@@ -40,7 +51,7 @@ class MemoryMeter:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            self.peak_bytes = resident_bytes()
+            self.peak_bytes = self.read()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
@@ -49,7 +60,7 @@ class MemoryMeter:
         """The peak up to now, read while the block still runs."""
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
-        return max(self.peak_bytes, resident_bytes())
+        return max(self.peak_bytes, self.read())
 
     def stop(self) -> None:
         if self.device.type == "cuda":
@@ -57,7 +68,7 @@ class MemoryMeter:
         else:
             self._stop.set()
             self._thread.join()
-            self.peak_bytes = max(self.peak_bytes, resident_bytes())
+            self.peak_bytes = max(self.peak_bytes, self.read())
 
     @property
     def peak_mib(self) -> float:

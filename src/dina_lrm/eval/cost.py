@@ -1,4 +1,4 @@
-"""What a scoring setting costs: analytic FLOPs per image, and measured peak memory.
+"""What a scoring setting costs: analytic FLOPs per image, and the memory a device holds, predicted.
 
 FLOPs count a multiply-add as 2 and cover every matrix product and attention of the kept backbone
 blocks (LoRA included), the patch embedding and the reward head, from the modules' own shapes.
@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
@@ -182,3 +183,95 @@ def module_cost(module: nn.Module, make_input: Callable[[], torch.Tensor], call:
 def _sum(out) -> torch.Tensor:
     tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
     return sum(t.float().sum() for t in tensors)
+
+
+# Memory: what a device holds for a reward, predicted without allocating ---------------------------
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes a device holds: ``weights`` (parameters and buffers, each storage once: SD3's position table
+    included; with ``optimizer``: AdamW's two moments of the trained weights) and ``peak`` (the most
+    bytes the call itself allocates and keeps alive at once: activations, what autograd saves, gradients)."""
+
+    weights: int
+    peak: int
+    optimizer: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.optimizer + self.peak
+
+
+def held_bytes(*modules: nn.Module) -> int:
+    """Bytes of the modules' parameters and buffers, a storage shared by several tensors counted once."""
+    storages = {}
+    for module in modules:
+        for tensor in (*module.parameters(), *module.buffers()):
+            storages[tensor.untyped_storage()._cdata] = tensor.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+@contextmanager
+def simulated(model: nn.Module, device: str = "cpu"):
+    """Within: ``model``, built on the ``meta`` device, runs as it would on ``device`` - that device's
+    kernels (e.g. CPU flash attention), its autocast policy, autograd - on fake tensors that allocate
+    nothing (create inputs inside). Input checks that read values are skipped; the meta tensors are back
+    afterwards."""
+    mode = FakeTensorMode()
+    originals = []
+    for module in model.modules():
+        for kind in ("_parameters", "_buffers"):
+            for name, tensor in getattr(module, kind).items():
+                if tensor is None:
+                    continue
+                fake = FakeTensor(mode, tensor.data, torch.device(device))
+                getattr(module, kind)[name] = nn.Parameter(fake, tensor.requires_grad) if kind == "_parameters" else fake
+                originals.append((module, kind, name, tensor))
+    checks = [m for m in model.modules() if hasattr(m, "check_inputs")]
+    for m in checks:
+        m.check_inputs = lambda *args, **kwargs: None
+    try:
+        with mode:
+            yield
+    finally:
+        for module, kind, name, tensor in originals:
+            getattr(module, kind)[name] = tensor
+        for m in checks:
+            del m.check_inputs
+
+
+def _text_inputs(model: DiNaLRM, batch: int, text_tokens: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    backbone = model.base_backbone
+    states = torch.randn(batch, text_tokens, backbone.text_width, dtype=dtype)
+    pooled = torch.ones(batch, text_tokens, dtype=dtype) if backbone.pooled_width is None else torch.randn(batch, backbone.pooled_width, dtype=dtype)
+    return states, pooled
+
+
+def scoring_memory(model: DiNaLRM, latent_shape: tuple[int, int, int], text_tokens: int, levels: int = 1, batch: int = 1,
+                   max_batch_items: int | None = None) -> MemoryEstimate:
+    """What scoring ``batch`` latents of ``latent_shape`` at ``levels`` noise levels holds (``model`` on meta,
+    in its scoring dtype): its weights, and the forward's peak of live tensors."""
+    with simulated(model), LiveActivations() as live, torch.no_grad():
+        latents = torch.randn(levels, batch, *latent_shape, dtype=model.dtype)
+        states, pooled = _text_inputs(model, batch, text_tokens, model.dtype)
+        model.forward_ensemble(latents, states, pooled, torch.full((levels,), 500.0), max_batch_items)
+    return MemoryEstimate(held_bytes(model), live.peak)
+
+
+def training_memory(model: DiNaLRM, latent_shape: tuple[int, int, int], text_tokens: int, pairs: int,
+                    autocast: torch.dtype | None = None) -> MemoryEstimate:
+    """What one preference step over ``pairs`` pairs holds (``model`` on meta as the trainer builds it:
+    frozen weights in their dtype, trained ones in float32; gradient checkpointing as enabled on it):
+    its weights, AdamW's moments, and the peak of the forward and backward (activations, what autograd
+    saves - LoRA's and the head's inputs included - and the gradients). The moments are allocated by the
+    first optimizer step, after the backward's peak; from the second step on, both are held at once."""
+    trained = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    with simulated(model), LiveActivations() as live:
+        dtype = next(p for p in model.parameters() if not p.requires_grad).dtype
+        latents = torch.randn(2 * pairs, *latent_shape, dtype=dtype)
+        states, pooled = _text_inputs(model, 2 * pairs, text_tokens, dtype)
+        with torch.autocast("cpu", autocast) if autocast else nullcontext():
+            scores = model(latents, states, pooled, torch.full((2 * pairs,), 500.0))[:, 0]
+        (scores[:pairs] - scores[pairs:]).float().mean().backward()  # the loss itself: a few scalars per pair
+    return MemoryEstimate(held_bytes(model), live.peak, optimizer=2 * trained)
