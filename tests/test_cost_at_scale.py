@@ -50,3 +50,83 @@ def test_the_reward_models_counted_forward_equals_the_analytic_count(pipe, text_
     cost = module_cost(model, lambda: torch.zeros(1, 4, 8, 8, device="meta"), score)
     assert cost.forward_flops == scoring_flops(model, (4, 8, 8), states.shape[1], Setting((0.4,), 1))
     assert cost.backward_flops > cost.forward_flops > 0 and cost.saved_activation_bytes > 0
+
+
+def _tiny_reward(device: str, checkpointing: bool = False, half: bool = False) -> DiNaLRM:
+    """A 4-block SD3 reward (3 kept), built the same way on ``device``; ``half``: the trainer's bf16
+    recipe (frozen weights in bf16, LoRA and head in float32)."""
+    from diffusers import SD3Transformer2DModel
+
+    with torch.device(device):
+        torch.manual_seed(0)
+        transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=4,
+                                            attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64,
+                                            caption_projection_dim=64, pooled_projection_dim=32, pos_embed_max_size=32, qk_norm="rms_norm")
+        model = DiNaLRM(DiNaConfig.from_dict({"model": {"num_transformer_layers": 3, "visual_head_idx": [1, 3], "text_head_idx": [1, 3],
+                                                         "lora_config": {"r": 8, "lora_alpha": 16}, "reward_head": {"num_attn_heads": 4}}}),
+                        transformer)
+    if half:
+        model.to(torch.bfloat16)
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
+    model.enable_gradient_checkpointing(checkpointing)
+    return model
+
+
+def test_held_bytes_count_the_position_table_and_shared_storages_once():
+    from dina_lrm.eval.cost import held_bytes
+
+    model = _tiny_reward("meta")
+    parameters = sum(p.numel() * 4 for p in model.parameters())
+    table = model.base_backbone.pos_embed.pos_embed
+    assert table.shape == (1, 32 * 32, 64) and held_bytes(model) == parameters + table.numel() * 4
+    assert held_bytes(model, model.base_backbone) == held_bytes(model)
+
+
+def _counted(run) -> int:
+    from dina_lrm.eval.cost import LiveActivations
+
+    with LiveActivations() as live:
+        run()
+    return live.peak
+
+
+def test_the_predicted_scoring_memory_equals_a_real_run_within_10_percent():
+    """The prediction runs the model on fake tensors (nothing allocated); the same call on real tensors,
+    counted op by op, agrees: single level and a 3-level ensemble."""
+    from dina_lrm.eval.cost import held_bytes, scoring_memory
+
+    real = _tiny_reward("cpu").eval()
+    for levels, batch in ((1, 2), (3, 2)):
+        predicted = scoring_memory(_tiny_reward("meta"), (4, 16, 16), 20, levels, batch)
+        latents, states, pooled = torch.randn(levels, batch, 4, 16, 16), torch.randn(batch, 20, 64), torch.randn(batch, 32)
+        with torch.no_grad():
+            measured = _counted(lambda: real.forward_ensemble(latents, states, pooled, torch.full((levels,), 500.0)))
+        assert predicted.weights == held_bytes(real)
+        assert abs(predicted.peak - measured) <= 0.1 * measured, (levels, predicted.peak, measured)
+
+
+def test_the_predicted_training_memory_equals_a_real_step_within_10_percent():
+    """LoRA and head trainable, with and without gradient checkpointing, in float32 and in the trainer's
+    bf16 recipe: activations, what autograd saves for the trained weights and the gradients."""
+    from dina_lrm.eval.cost import training_memory
+
+    for checkpointing in (False, True):
+        for half in (False, True):
+            predicted = training_memory(_tiny_reward("meta", checkpointing, half), (4, 16, 16), 20, 2,
+                                        torch.bfloat16 if half else None)
+            real = _tiny_reward("cpu", checkpointing, half).train()
+            dtype = torch.bfloat16 if half else torch.float32
+            latents, states, pooled = torch.randn(4, 4, 16, 16, dtype=dtype), torch.randn(4, 20, 64, dtype=dtype), torch.randn(4, 32, dtype=dtype)
+
+            def step():
+                with torch.autocast("cpu", torch.bfloat16, enabled=half):
+                    scores = real(latents, states, pooled, torch.full((4,), 500.0))[:, 0]
+                (scores[:2] - scores[2:]).float().mean().backward()
+
+            measured = _counted(step)
+            trained = sum(p.numel() * 4 for p in real.parameters() if p.requires_grad)
+            assert predicted.optimizer == 2 * trained and all(p.grad is not None for p in real.parameters() if p.requires_grad)
+            assert abs(predicted.peak - measured) <= 0.1 * measured, (checkpointing, half, predicted.peak, measured)
+    assert training_memory(_tiny_reward("meta", True), (4, 16, 16), 20, 2).peak < training_memory(_tiny_reward("meta"), (4, 16, 16), 20, 2).peak

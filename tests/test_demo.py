@@ -6,12 +6,10 @@ from test_toyworld_data import SMALL
 from dina_lrm.cli import main
 from dina_lrm.pipelines import load_pipeline
 from dina_lrm.scorer import Scorer
-from dina_lrm_toyworld.demo import DINA_LOSSES, PIXEL_METHOD, SHIPPED_GENERATOR, run_demo
-from dina_lrm_toyworld.config import U_GRID, DemoConfig
+from dina_lrm_toyworld.config import U_GRID, PretrainConfig
+from dina_lrm_toyworld.demo import DINA_LOSSES, PIXEL_METHOD, SHIPPED_GENERATOR
 from dina_lrm_toyworld.generator import T5_TOKENS
-from dina_lrm_toyworld.config import PreferenceDataConfig
 from dina_lrm_toyworld.pretrain import pretrain
-from dina_lrm_toyworld.config import PretrainConfig
 
 
 def test_shipped_generator_is_small_and_loads():
@@ -24,9 +22,12 @@ def test_shipped_generator_is_small_and_loads():
 
 
 def test_tiny_end_to_end_demo(tmp_path):
-    data = PreferenceDataConfig(train_prompts=6, test_prompts=4, samples_per_prompt=3, sampling_steps=3, batch_size=16)
-    config = DemoConfig(data=data, steps=2, eval_every=1, monitor_pairs=8, benchmark_prompts=3, search_prompts=2)
-    summary = run_demo(tmp_path, config)
+    flags = ["--data.train_prompts", "6", "--data.test_prompts", "4", "--data.samples_per_prompt", "3", "--data.sampling_steps", "3",
+             "--data.batch_size", "16", "--steps", "2", "--eval-every", "1", "--monitor-pairs", "8", "--benchmark-prompts", "3",
+             "--search-prompts", "2"]
+    assert main(["demo", "--out", str(tmp_path), *flags]) == 0  # the command, its flags generated from DemoConfig
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["config"]["data"]["train_prompts"] == 6 and summary["config"]["steps"] == 2
     accuracy = summary["accuracy"]
     for name in DINA_LOSSES:
         assert len(accuracy[name]["per_u"]) == len(U_GRID)

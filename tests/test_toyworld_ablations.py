@@ -7,9 +7,8 @@ import torch
 
 from dina_lrm.config import config_differences
 from dina_lrm_toyworld.ablations import dina_config, run_ablations
-from dina_lrm_toyworld.config import ROW_BY_NAME, ROWS, AblationConfig, Variant
+from dina_lrm_toyworld.config import ROW_BY_NAME, ROWS, AblationConfig, PreferenceDataConfig, Variant
 from dina_lrm_toyworld.lrm_baseline import PooledCosineLRM
-from dina_lrm_toyworld.config import PreferenceDataConfig
 
 # the release-config keys each setting of a Variant may change
 CONFIG_KEYS = {

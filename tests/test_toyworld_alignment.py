@@ -3,25 +3,34 @@ and the alignment experiment end to end at a tiny size."""
 
 import ast
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
-from dina_lrm.pipelines import load_pipeline
+from dina_lrm.cli import main
 from dina_lrm.data.shards import load_preference_shards
-from dina_lrm_toyworld.alignment import BASES, biased_base_recipe, materialise_base, run_alignment_experiment, write_prompt_sets, write_render_shards
-from dina_lrm_toyworld.config import GATE, RUNS, ToyAlignmentConfig
+from dina_lrm.pipelines import load_pipeline
+from dina_lrm_toyworld.alignment import (
+    BASES,
+    biased_base_recipe,
+    materialise_base,
+    run_alignment_experiment,
+    write_prompt_sets,
+    write_render_shards,
+)
+from dina_lrm_toyworld.alignment_report import efficiency
+from dina_lrm_toyworld.config import GATE, RUNS, PreferenceDataConfig, ToyAlignmentConfig
 from dina_lrm_toyworld.demo import SHIPPED_GENERATOR
 from dina_lrm_toyworld.generator import decode_latents
-from dina_lrm_toyworld.alignment_report import efficiency
 from dina_lrm_toyworld.judge import Judge
 from dina_lrm_toyworld.pixel_reward import PixelReward
-from dina_lrm_toyworld.config import PreferenceDataConfig
-from dina_lrm_toyworld.rewards import judge, judge_scores, load_pixel_reward, pixel_reward, save_pixel_reward
 from dina_lrm_toyworld.pretrain import pretrain, render_training_images
+from dina_lrm_toyworld.rewards import judge, judge_scores, load_pixel_reward, pixel_reward, save_pixel_reward
 from dina_lrm_toyworld.scenes import CONFUSIONS, parse_prompt, render, scene_for, with_object
 
 SRC = Path(__file__).parents[1] / "src" / "dina_lrm"
@@ -166,7 +175,11 @@ def test_experiment_writes_its_report_for_every_run(tmp_path):
     with pytest.raises(FileExistsError, match="earlier alignment experiment"):
         run_alignment_experiment(tmp_path, config)
     reused = ToyAlignmentConfig(**{**config.__dict__, "runs": ["NFT + judge"], "rewards_from": str(tmp_path)})
-    again = run_alignment_experiment(tmp_path / "again", reused)
+    (tmp_path / "reused.yaml").write_text(yaml.safe_dump({**asdict(config), "runs": list(RUNS)}))
+    assert main(["toyworld", "align", "--out", str(tmp_path / "again"), "--config", str(tmp_path / "reused.yaml"), "--runs", "NFT + judge",
+                 "--rewards-from", str(tmp_path)]) == 0  # the command: the file, then the flags
+    again = json.loads((tmp_path / "again" / "alignment.json").read_text())
+    assert list(again["runs"]) == ["NFT + judge"]
     assert again["runs"]["NFT + judge"]["test_gain"] == result["runs"]["NFT + judge"]["test_gain"]  # seeded: the same again
     with pytest.raises(ValueError, match="not early"):
         run_alignment_experiment(tmp_path / "other", ToyAlignmentConfig(**{**reused.__dict__, "base": "early"}))

@@ -4,8 +4,8 @@ import torch
 
 from dina_lrm.models.sd3_text import SD3PromptEncoder
 from dina_lrm.pipelines import load_pipeline
-from dina_lrm_toyworld.generator import T5_TOKENS, build_tokenizer, build_toy_pipeline
 from dina_lrm_toyworld.config import ToyGeneratorConfig
+from dina_lrm_toyworld.generator import T5_TOKENS, build_tokenizer, build_toy_pipeline
 from dina_lrm_toyworld.preferences import Candidate, _normal_cdf, candidate_pairs, label_pairs, rater_noise
 
 SMALL = ToyGeneratorConfig(vae_channels=(8, 8), num_layers=2, dual_attention_layers=(0,), attention_head_dim=8,
