@@ -54,10 +54,8 @@ def tiny_ablations(tmp_path_factory):
     out = tmp_path_factory.mktemp("ablations")
     config = AblationConfig(
         data=PreferenceDataConfig(train_prompts=8, test_prompts=4, samples_per_prompt=3, corruptions_per_prompt=2, sampling_steps=3),
-        steps=2, seeds=[0, 1], workers=1, benchmark_prompts=2, resamples=50, u_grid=(0.3, 0.6),
-        rows=["DiNa-LRM (full)", "ensemble {0.2,0.5,0.7}, calibrated", "clean only (u = 0)", "LRM-style (LPO: pooled cosine, BT)",
-              "pixel reward (decodes), equal FLOPs"],
-    )
+        steps=2, seeds=[0], workers=1, benchmark_prompts=2, resamples=50, u_grid=(0.3, 0.6),
+    )  # every row of the table
     return out, config, run_ablations(out, config)
 
 
@@ -65,6 +63,7 @@ def test_the_table_is_recomputed_from_the_saved_per_pair_credits(tiny_ablations)
     out, config, summary = tiny_ablations
     saved = json.loads((out / "ablations.json").read_text())
     credits = np.load(out / "credits.npz")
+    assert list(saved["table"]) == [row.name for row in ROWS]  # every row ran end to end
     sources = np.array(saved["data"]["heldout"]["sources"])
     for name, row in saved["table"].items():
         key = next(r["training"] for r in saved["rows"] if r["name"] == name)
