@@ -16,7 +16,8 @@ glibc's own behaviour, whose heap keeps freed blocks (a training step then looks
 Measured on this machine's 2 CPU cores; the first run writes the pipeline (about 16 GB) under --work.
 The training step runs in float32 by default: this CPU has no bf16 matrix units, where a step at
 SD3.5-M's size takes hours; ``--train-dtype bfloat16`` runs the trainer's bf16 recipe (frozen weights in
-bf16, LoRA and head in float32, autocast), which ``tests/test_cost_at_scale.py`` checks at mid size.
+bf16, LoRA and head in float32, autocast), whose prediction ``tests/test_cost_at_scale.py`` checks against
+a counted real step at tiny size.
 """
 
 from __future__ import annotations
@@ -312,9 +313,11 @@ def main() -> None:
         result["predicted_bytes"] = predicted.get(name)
         results.append(result)
         print(row_text(result), flush=True)
-    (work / f"results-{args.allocator}.json").write_text(json.dumps({"train_dtype": args.train_dtype, "allocator": args.allocator,
-                                                                       "results": results}, indent=1))
-    print(table(results))
+    path = work / f"results-{args.allocator}-{args.train_dtype}.json"  # rows of earlier runs with other --only kept
+    earlier = json.loads(path.read_text())["results"] if path.is_file() else []
+    merged = [r for r in earlier if r["name"] not in {n["name"] for n in results}] + results
+    path.write_text(json.dumps({"train_dtype": args.train_dtype, "allocator": args.allocator, "results": merged}, indent=1))
+    print(table(merged))
 
 
 def row_text(result: dict) -> str:

@@ -73,28 +73,41 @@ def count_flops(fn) -> int:
 
 
 class LiveActivations(TorchDispatchMode):
-    """Peak bytes of the tensors an operation sequence keeps alive at once (outputs that are not
-    views), followed through their garbage collection; works on the ``meta`` device."""
+    """Peak bytes of the tensors an operation sequence keeps alive at once, followed through their
+    garbage collection; works on the ``meta`` device and on fake tensors. A storage counts from the op
+    that creates it until the last tensor on it dies: a view (e.g. a weight's gradient, the transpose
+    of a matrix product) keeps its base's bytes alive; in-place results hold no new memory."""
 
     def __init__(self):
         super().__init__()
         self.live = 0
         self.peak = 0
+        self.owners: dict[int, list[int]] = {}  # storage -> [size, tensors on it that are alive]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if any(result.alias_info is not None for result in func._schema.returns):
-            return out  # a view (or an in-place result) holds no new memory
+        views = any(result.alias_info is not None for result in func._schema.returns)
         for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor):
-                size = tensor.numel() * tensor.element_size()
-                self.live += size
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            key = tensor.untyped_storage()._cdata
+            if key in self.owners:
+                self.owners[key][1] += 1
+            elif views:
+                continue  # a view of a tensor made before counting began
+            else:
+                self.owners[key] = [tensor.untyped_storage().nbytes(), 1]
+                self.live += self.owners[key][0]
                 self.peak = max(self.peak, self.live)
-                weakref.finalize(tensor, self._release, size)
+            weakref.finalize(tensor, self._release, key)
         return out
 
-    def _release(self, size: int) -> None:
-        self.live -= size
+    def _release(self, key: int) -> None:
+        entry = self.owners[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.live -= entry[0]
+            del self.owners[key]
 
 
 class _FlashAttention(torch.autograd.Function):
