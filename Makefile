@@ -9,8 +9,7 @@ TORCH_PIN ?= torch==2.13.0
 
 $(BIN)/dina-lrm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
-	$(BIN)/python -m pip install -q -e ".[all,dev]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH_PIN)" -e ".[all,dev]"
 	touch $@
 
 install: $(BIN)/dina-lrm
