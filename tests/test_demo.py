@@ -24,7 +24,7 @@ def test_shipped_generator_is_small_and_loads():
 def test_tiny_end_to_end_demo(tmp_path):
     flags = ["--data.train_prompts", "6", "--data.test_prompts", "4", "--data.samples_per_prompt", "3", "--data.sampling_steps", "3",
              "--data.batch_size", "16", "--steps", "2", "--eval-every", "1", "--monitor-pairs", "8", "--benchmark-prompts", "3",
-             "--search-prompts", "2"]
+             "--search-prompts", "1"]
     assert main(["demo", "--out", str(tmp_path), *flags]) == 0  # the command, its flags generated from DemoConfig
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["config"]["data"]["train_prompts"] == 6 and summary["config"]["steps"] == 2
@@ -41,7 +41,7 @@ def test_tiny_end_to_end_demo(tmp_path):
     assert "[eval/report.md](eval/report.md)" in (tmp_path / "report.md").read_text()
     assert 0 <= summary["benchmark_eval"]["settings"]["DiNa-LRM u=0.4"]["accuracy"] <= 1
     search = summary["search"]["rows"]
-    assert len(summary["search"]["prompts"]) == 2 and "## Reward-guided sampling" in (tmp_path / "report.md").read_text()
+    assert len(summary["search"]["prompts"]) == 1 and "## Reward-guided sampling" in (tmp_path / "report.md").read_text()
     assert all(0 <= v <= 1 for row in search.values() for v in row["judge"])
     assert search["best-of-16, judge (ceiling)"]["judge"] >= search["plain sampling"]["judge"]  # per prompt: the judge picks its best
     assert search["prune-and-continue n=16 keep=4 at 0.8, DiNa-LRM"]["gflops"] < search["best-of-16, DiNa-LRM (clean, u=0.4)"]["gflops"]

@@ -39,6 +39,7 @@ def test_bf16_autocast_stays_within_the_documented_tolerance(toy_scorer, tmp_pat
         toy_scorer.model.enable_autocast(torch.int8)
 
 
+@pytest.mark.slow  # torch.compile on CPU: 15 s, and compile rarely changes
 def test_compiled_blocks_score_as_eager(pipe, text_inputs):
     model = DiNaLRM(tiny_config(), pipe.transformer).eval()
     randomize_lora(model)

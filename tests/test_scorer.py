@@ -220,6 +220,7 @@ def test_every_loading_mode_scores_as_the_whole_pipeline_and_holds_no_block_past
     assert (lean.prompt_encoder is None) == (mode == "none")
 
 
+@pytest.mark.slow  # a fresh process; the read-spy test guards the loader in CI
 def test_loading_a_reward_allocates_no_tensor_of_a_dropped_block(reward_dir, pipeline_dir):
     """In a fresh process: after loading for embeddings only, every live tensor belongs to the reward
     (the kept modules, LoRA, head), the VAE or the sigma table (views share their base's storage); the

@@ -193,7 +193,7 @@ def test_health_metadata_and_metrics(server):
     assert client.metrics()["items_scored"] >= 0
 
 
-def test_cli_serve_starts_answers_and_refuses_a_bad_reward_dir(reward_dir, pipeline_dir, tmp_path):
+def test_cli_serve_starts_answers_and_refuses_a_bad_reward_dir(reward_dir, pipeline_dir, tmp_path, capsys):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "dina_lrm", "serve", "--reward", str(reward_dir), "--model", str(pipeline_dir), "--port", "0"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -207,9 +207,10 @@ def test_cli_serve_starts_answers_and_refuses_a_bad_reward_dir(reward_dir, pipel
     finally:
         process.terminate()
         process.wait(timeout=30)
-    bad = subprocess.run([sys.executable, "-m", "dina_lrm", "serve", "--reward", str(tmp_path / "nowhere"), "--model", str(pipeline_dir)],
-                         capture_output=True, text=True, env=env)
-    assert bad.returncode == 2 and "reward model directory not found" in bad.stderr
+    from dina_lrm.cli import main
+
+    assert main(["serve", "--reward", str(tmp_path / "nowhere"), "--model", str(pipeline_dir)]) == 2
+    assert "reward model directory not found" in capsys.readouterr().err
 
 
 def test_a_server_without_text_encoders_scores_embeddings_and_refuses_prompts_with_a_400(server, reward_dir, pipeline_dir):

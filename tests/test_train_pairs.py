@@ -31,6 +31,7 @@ def test_pairwise_accuracy_counts_ties_half():
         pairwise_accuracy(torch.tensor([]), torch.tensor([]))
 
 
+@pytest.mark.slow  # the demo and ablation tests run fit_pairs end to end in CI
 def test_fit_pairs_learns_a_preference_rule(pipe):
     torch.manual_seed(0)
     encoder = SD3PromptEncoder.from_pipeline(pipe)
