@@ -237,6 +237,7 @@ def test_serve_takes_verl_omnis_flag_names():
     assert (config.reward, config.model) == ("rm_dir", "sd35")
 
 
+@pytest.mark.slow  # a fresh interpreter with the extras blocked; the install layout rarely changes
 def test_the_core_install_scores_and_serves_without_the_extras(reward_dir, pipeline_dir):
     """The core dependencies suffice to score and serve: pyarrow, matplotlib and tensorboard (the
     train/eval extras) are blocked from importing here, and scoring still works."""
