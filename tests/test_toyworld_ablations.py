@@ -7,6 +7,7 @@ import torch
 
 from dina_lrm.config import config_differences
 from dina_lrm_toyworld.ablations import dina_config, run_ablations
+from dina_lrm.cli import main
 from dina_lrm_toyworld.config import ROW_BY_NAME, ROWS, AblationConfig, PreferenceDataConfig, Variant
 from dina_lrm_toyworld.lrm_baseline import PooledCosineLRM
 
@@ -55,8 +56,12 @@ def tiny_ablations(tmp_path_factory):
     config = AblationConfig(
         data=PreferenceDataConfig(train_prompts=8, test_prompts=4, samples_per_prompt=3, corruptions_per_prompt=2, sampling_steps=3),
         steps=2, seeds=[0], workers=1, benchmark_prompts=2, resamples=50, u_grid=(0.3, 0.6),
-    )  # every row of the table
-    return out, config, run_ablations(out, config)
+    )  # every row of the table, through the command and its generated flags
+    flags = ["--data.train_prompts", "8", "--data.test_prompts", "4", "--data.samples_per_prompt", "3", "--data.corruptions_per_prompt", "2",
+             "--data.sampling_steps", "3", "--steps", "2", "--seeds", "0", "--workers", "1", "--benchmark-prompts", "2",
+             "--resamples", "50", "--u-grid", "0.3", "0.6"]
+    assert main(["toyworld", "ablations", "--out", str(out), *flags]) == 0
+    return out, config, json.loads((out / "ablations.json").read_text())
 
 
 def test_the_table_is_recomputed_from_the_saved_per_pair_credits(tiny_ablations):
@@ -100,7 +105,8 @@ def test_the_table_is_recomputed_from_the_saved_per_pair_credits(tiny_ablations)
 def test_ablations_do_not_depend_on_how_runs_are_spread_and_never_overwrite(tiny_ablations, tmp_path):
     out, config, summary = tiny_ablations
     config = dataclasses.replace(config, workers=2, rows=config.rows[:1])
-    again = run_ablations(tmp_path / "again", config)
+    run_ablations(tmp_path / "again", config)
+    again = json.loads((tmp_path / "again" / "ablations.json").read_text())
     first, second = np.load(out / "credits.npz"), np.load(tmp_path / "again" / "credits.npz")
     for key in second.files:
         np.testing.assert_array_equal(first[key], second[key])
@@ -115,7 +121,6 @@ def test_ablation_config_refuses_unknown_rows():
 
 
 def test_ablations_command_refuses_unknown_rows_in_one_line(tmp_path, capsys):
-    from dina_lrm.cli import main
 
     assert main(["toyworld", "ablations", "--out", str(tmp_path / "a"), "--rows", "no such row"]) == 2
     error = capsys.readouterr().err.strip()
