@@ -121,7 +121,6 @@ def test_ablation_config_refuses_unknown_rows():
 
 
 def test_ablations_command_refuses_unknown_rows_in_one_line(tmp_path, capsys):
-
     assert main(["toyworld", "ablations", "--out", str(tmp_path / "a"), "--rows", "no such row"]) == 2
     error = capsys.readouterr().err.strip()
     assert "unknown ablation rows ['no such row']" in error and "\n" not in error
